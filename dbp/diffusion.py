@@ -1,0 +1,160 @@
+"""Discrete DDPM/DDIM diffusion math: the one place every formula of the purifier lives.
+
+Conventions (method.md §2): the UNet works in [-1, 1]; the public purification API takes and
+returns images in [0, 1]. Schedules are buffers so they follow `.to(device)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def to_model_range(x01: torch.Tensor) -> torch.Tensor:
+    return x01 * 2.0 - 1.0
+
+
+def to_image_range(xm: torch.Tensor) -> torch.Tensor:
+    return (xm / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+@dataclass
+class PurifyNoise:
+    """Every random draw of one purification: what DW-box fixes and what EoT redraws.
+
+    forward: [B, C, H, W] noise of the forward jump to t*.
+    reverse: [S, B, C, H, W] per-step ancestral noise (DDPM only; S = reverse steps that add noise).
+    """
+
+    forward: torch.Tensor
+    reverse: Optional[torch.Tensor] = None
+
+    def repeat_interleave(self, k: int) -> "PurifyNoise":
+        rev = None if self.reverse is None else self.reverse.repeat_interleave(k, dim=1)
+        return PurifyNoise(self.forward.repeat_interleave(k, dim=0), rev)
+
+
+class Diffusion(nn.Module):
+    """Linear-beta DDPM schedule with forward noising, DDPM (fixed_large) and DDIM (eta=0) steps."""
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.num_train_timesteps = num_train_timesteps
+        # float64 cumprod then float32, as diffusers builds its schedule in float32 from linspace
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+
+    # ---- schedule helpers -------------------------------------------------------------------
+    def abar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alpha-bar at integer timesteps t; t < 0 means the clean end (alpha-bar = 1)."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device)
+        one = torch.ones((), device=t.device, dtype=self.alphas_cumprod.dtype)
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], one)
+
+    @staticmethod
+    def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(v.shape + (1,) * (like.dim() - v.dim())) if v.dim() else v
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise  (model range)."""
+        a = self._bcast(self.abar(t), x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Tweedie one-step estimate (x_t - sqrt(1-abar) eps) / sqrt(abar), unclipped."""
+        a = self._bcast(self.abar(t), x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def reverse_timesteps(self, t_star: int, num_inference_steps: int) -> list[int]:
+        """Timesteps visited from t* with "leading" spacing of stride T // N (method.md §2.1 table)."""
+        if not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {num_inference_steps}")
+        if not 0 <= t_star < self.num_train_timesteps:
+            raise ValueError(f"t_star must be in [0, {self.num_train_timesteps - 1}], got {t_star}")
+        stride = self.num_train_timesteps // num_inference_steps
+        if t_star % stride:
+            raise ValueError(f"t_star={t_star} is not on the grid of stride {stride} (num_inference_steps={num_inference_steps})")
+        return list(range(t_star, -1, -stride))
+
+    # ---- one reverse step each ----------------------------------------------------------------
+    def ddpm_step(self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
+                  z: Optional[torch.Tensor]) -> torch.Tensor:
+        """Ancestral step t -> t_prev with clipped x0 and `fixed_large` variance; no noise when t == 0."""
+        a_t, a_prev = self.abar(t), self.abar(t_prev)
+        beta_t = 1 - a_t / a_prev
+        x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+        if t > 0:
+            if z is None:
+                raise ValueError("DDPM step with t > 0 needs reverse noise z")
+            mean = mean + beta_t.sqrt() * z
+        return mean
+
+    def ddim_step(self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta=0) step; the direction term uses the raw eps (diffusers default)."""
+        a_t, a_prev = self.abar(t), self.abar(t_prev)
+        x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+    # ---- purification -------------------------------------------------------------------------
+    def num_reverse_noises(self, sampler: str, t_star: int, num_inference_steps: int) -> int:
+        steps = self.reverse_timesteps(t_star, num_inference_steps)
+        return sum(1 for t in steps if t > 0) if sampler == "ddpm" else 0
+
+    def sample_noise(self, shape: tuple[int, ...], sampler: str, t_star: int, num_inference_steps: int,
+                     generator: Optional[torch.Generator] = None, device=None) -> PurifyNoise:
+        device = device if device is not None else self.alphas_cumprod.device
+        fwd = torch.randn(shape, generator=generator, device=device)
+        n = self.num_reverse_noises(sampler, t_star, num_inference_steps)
+        rev = torch.randn((n, *shape), generator=generator, device=device) if n else None
+        return PurifyNoise(fwd, rev)
+
+    def purify(self, eps_model: EpsModel, x01: torch.Tensor, *, t_star: int = 100, sampler: str = "ddpm",
+               num_inference_steps: Optional[int] = None, noise: Optional[PurifyNoise] = None,
+               generator: Optional[torch.Generator] = None, grad_checkpoint: bool = True) -> torch.Tensor:
+        """Diffuse x01 ([0,1], [B,C,H,W]) to t* and run the reverse chain back to an image in [0,1].
+
+        Randomness comes from `noise` if given (bit-for-bit repeatable), else from `generator`.
+        Differentiable in x01; each UNet call is checkpointed when grad is enabled and
+        `grad_checkpoint` is set, so memory stays O(one UNet call) per step.
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        n_inf = num_inference_steps or (self.num_train_timesteps if sampler == "ddpm" else 100)
+        steps = self.reverse_timesteps(t_star, n_inf)
+        if noise is None:
+            noise = self.sample_noise(tuple(x01.shape), sampler, t_star, n_inf, generator, x01.device)
+        self._check_noise(noise, x01, sampler, t_star, n_inf)
+
+        x = self.q_sample(to_model_range(x01), torch.tensor(t_star, device=x01.device), noise.forward)
+        use_ckpt = grad_checkpoint and torch.is_grad_enabled()
+        stride = self.num_train_timesteps // n_inf
+        for i, t in enumerate(steps):
+            t_prev = t - stride  # negative at the last step: alpha-bar = 1, the output is x0
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            if use_ckpt:
+                eps = checkpoint(eps_model, x, t_batch, use_reentrant=False)
+            else:
+                eps = eps_model(x, t_batch)
+            if sampler == "ddpm":
+                z = noise.reverse[i] if t > 0 else None
+                x = self.ddpm_step(eps, t, t_prev, x, z)
+            else:
+                x = self.ddim_step(eps, t, t_prev, x)
+        return to_image_range(x)
+
+    def _check_noise(self, noise: PurifyNoise, x01: torch.Tensor, sampler: str, t_star: int, n_inf: int) -> None:
+        if noise.forward.shape != x01.shape:
+            raise ValueError(f"forward noise shape {tuple(noise.forward.shape)} != input shape {tuple(x01.shape)}")
+        need = self.num_reverse_noises(sampler, t_star, n_inf)
+        have = 0 if noise.reverse is None else noise.reverse.shape[0]
+        if have < need or (need and noise.reverse.shape[1:] != x01.shape):
+            raise ValueError(f"{sampler} from t*={t_star} with N={n_inf} needs reverse noise [{need}, *{tuple(x01.shape)}], "
+                             f"got {None if noise.reverse is None else tuple(noise.reverse.shape)}")

@@ -1,0 +1,76 @@
+"""Composed modules (purifier, defence) and loading them from checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .diffusion import Diffusion, PurifyNoise
+from .nets import Classifier, EpsNet, build_classifier, build_unet
+
+
+class Purifier(nn.Module):
+    """x in [0,1] -> purified x in [0,1]: forward-noise to t* and reverse with DDPM or DDIM."""
+
+    def __init__(self, eps_net: nn.Module, t_star: int = 100, sampler: str = "ddpm",
+                 num_inference_steps: Optional[int] = None, grad_checkpoint: bool = True):
+        super().__init__()
+        self.eps_net = eps_net
+        self.diffusion = Diffusion()
+        self.t_star, self.sampler, self.grad_checkpoint = t_star, sampler, grad_checkpoint
+        self.num_inference_steps = num_inference_steps or (1000 if sampler == "ddpm" else 100)
+        self.diffusion.reverse_timesteps(t_star, self.num_inference_steps)  # validate settings early
+
+    @property
+    def n_unet_calls(self) -> int:
+        return len(self.diffusion.reverse_timesteps(self.t_star, self.num_inference_steps))
+
+    def sample_noise(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> PurifyNoise:
+        return self.diffusion.sample_noise(tuple(x01.shape), self.sampler, self.t_star, self.num_inference_steps,
+                                           generator, x01.device)
+
+    def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.diffusion.purify(self.eps_net, x01, t_star=self.t_star, sampler=self.sampler,
+                                     num_inference_steps=self.num_inference_steps, noise=noise,
+                                     generator=generator, grad_checkpoint=self.grad_checkpoint)
+
+
+class Defense(nn.Module):
+    """classifier(purifier(x)): the composed function every attack differentiates through."""
+
+    def __init__(self, purifier: Purifier, classifier: nn.Module):
+        super().__init__()
+        self.purifier, self.classifier = purifier, classifier
+
+    def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.classifier(self.purifier(x01, noise=noise, generator=generator))
+
+
+def load_unet(path: str | Path, which: str = "ema", device="cpu") -> EpsNet:
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") not in ("diffusion", "addt"):
+        raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a diffusion model")
+    unet = build_unet(meta["arch"]["unet"], **meta["arch"].get("unet_overrides", {}))
+    unet.load_state_dict(ckpt.load_weights(path, which))
+    return EpsNet(unet).to(device).eval()
+
+
+def load_classifier(path: str | Path, device="cpu") -> Classifier:
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") != "classifier":
+        raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a classifier")
+    a = meta["arch"]
+    model = build_classifier(a["classifier"], a["dataset"], a.get("num_classes", 10))
+    model.load_state_dict(ckpt.load_weights(path, "ema"))
+    return model.to(device).eval()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

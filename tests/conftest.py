@@ -1,0 +1,47 @@
+"""Shared fixtures: real (tiny) models trained once per session through the real training CLIs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "training"))
+
+# Two cores and several suites: one thread per test process keeps timings sane and results deterministic.
+torch.set_num_threads(int(os.environ.get("DBP_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from dbp.data import load_fashion_mnist
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_ckpt(tmp_path_factory) -> Path:
+    """A small_cnn trained for 150 steps (~80% test accuracy): a real, imperfect classifier."""
+    import train_classifier
+    out = tmp_path_factory.mktemp("cls")
+    train_classifier.main(["--preset", "smoke", "--steps", "150", "--batch_size", "64", "--ckpt_every", "1000",
+                           "--out_dir", str(out), "--threads", "1"])
+    return out / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_ckpt(tmp_path_factory) -> Path:
+    """A small UNet after a few dozen steps on t <= 100: real weights, weak denoiser."""
+    import train_diffusion
+    out = tmp_path_factory.mktemp("diff")
+    train_diffusion.main(["--preset", "smoke", "--steps", "30", "--out_dir", str(out), "--threads", "1"])
+    return out / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_classifier_ckpt, tiny_diffusion_ckpt):
+    from dbp.models import load_classifier, load_unet
+    return load_unet(tiny_diffusion_ckpt), load_classifier(tiny_classifier_ckpt)
