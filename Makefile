@@ -1,0 +1,42 @@
+# Two commands: `make up` (the serving stack) and `make test` (set up everything, run the suite).
+# Both are idempotent: the venv is rebuilt only when requirements.lock changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+FASHION_DIR ?= $(or $(DBP_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
+
+.PHONY: up down test venv data bench help
+help:
+	@echo "make up    - start the serving stack (Triton with model_repository/)"
+	@echo "make test  - create .venv, install pinned deps and data, run the test suite"
+	@echo "make bench - run the benchmarks/ scripts (slow; figures go in README)"
+
+venv: $(STAMP)
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@$(VPY) -c 'import sysconfig,sys; sys.exit(0 if sysconfig.get_config_var("Py_ENABLE_SHARED") else "error: $(PYTHON) is not a shared-library build; Triton'"'"'s python stub needs libpython (use e.g. pyenv with --enable-shared)")'
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.stamp-* && touch $@
+
+data:
+	@if [ -f "$(FASHION_DIR)/t10k-images-idx3-ubyte.gz" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "error: Fashion-MNIST not found in $(FASHION_DIR). As root run 'apt-get install dataset-fashion-mnist'," \
+	       "or put train-/t10k-{images-idx3,labels-idx1}-ubyte.gz in a folder and set DBP_FASHION_MNIST_DIR to it." >&2; \
+	  exit 1; \
+	fi
+
+test: venv data
+	$(VPY) -m pytest -q
+
+bench: venv data
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+up: venv data
+	@echo "make up: the serving stack arrives with the Triton issue; nothing is served yet." >&2; exit 1
