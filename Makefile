@@ -19,6 +19,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(VPY) -c 'import sysconfig,sys; sys.exit(0 if sysconfig.get_config_var("Py_ENABLE_SHARED") else "error: $(PYTHON) is not a shared-library build; Triton'"'"'s python stub needs libpython (use e.g. pyenv with --enable-shared)")'
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# foolbox only for the 20 real CIFAR-10 test PNGs its wheel carries (read as files, never imported)
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps foolbox==3.3.4
 	@rm -f $(VENV)/.stamp-* && touch $@
 
 data:

@@ -110,3 +110,19 @@ def load_optimizer(path: str | Path) -> dict | None:
     if not f.exists():
         return None
     return optimizer_from_flat(load_file(f), load_meta(path)["optimizer"])
+
+
+def weights_sha256(path: str | Path, which: str = "ema") -> str:
+    """Hash of the weights file a checkpoint serves with: binds a robustness card to exact weights."""
+    import hashlib
+    path = Path(path)
+    f = path / f"{which}.safetensors"
+    if which == "ema" and not f.exists():
+        f = path / "model.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{path}: missing {f.name}")
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
