@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
@@ -17,11 +18,13 @@ class ConfigError(SystemExit):
     def __init__(self, msg: str):
         super().__init__(f"error: {msg}")
         self.code = 2
+        # Python prints a SystemExit's message only when its code is not an int, so say it here
+        print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
 def _coerce(name: str, typ: Any, raw: Any) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
             return None
@@ -34,6 +37,8 @@ def _coerce(name: str, typ: Any, raw: Any) -> Any:
         if str(raw).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{name} expects a boolean, got {raw!r}")
+    if typ is int and isinstance(raw, float) and not raw.is_integer():
+        raise ConfigError(f"--{name} expects int, got {raw!r}")  # int(2.5) would silently truncate
     if typ in (int, float, str):
         try:
             return typ(raw)
@@ -90,9 +95,12 @@ def parse_cli(cls: type[C], argv: Sequence[str] | None = None, presets: Mapping[
     cfg_file = pairs.pop("config", None)
     if cfg_file is not None:
         try:
-            cfg = from_dict(cls, json.loads(Path(cfg_file).read_text()), cfg)
+            values = json.loads(Path(cfg_file).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read config file {cfg_file}: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {cfg_file} must hold a JSON object of options, got {type(values).__name__}")
+        cfg = from_dict(cls, values, cfg)
     return from_dict(cls, pairs, cfg)
 
 
