@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"cannot read IDX file {path}: {e}") from e
     if len(data) < 8 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
         raise DatasetError(f"{path} is not a uint8 IDX file (bad magic {data[:4].hex() if data else 'empty'})")
@@ -102,7 +103,12 @@ def _cifar_arrays(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]
     d = _unpickle(path)
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
         raise DatasetError(f"{path} is not a CIFAR batch: needs keys b'data' and {label_key!r}")
-    data, labels = np.asarray(d[b"data"]), np.asarray(d[label_key], dtype=np.int64)
+    try:
+        data, labels = np.asarray(d[b"data"]), np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable data or labels ({e})") from e
+    if labels.ndim != 1:
+        raise DatasetError(f"{path}: labels have shape {labels.shape}, expected [N]")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(f"{path}: data {data.shape} {data.dtype} / {len(labels)} labels is not "
                            f"CIFAR's [N, 3072] uint8 layout")
