@@ -127,7 +127,9 @@ class Diffusion(nn.Module):
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        n_inf = num_inference_steps or (self.num_train_timesteps if sampler == "ddpm" else 100)
+        if num_inference_steps is None:
+            num_inference_steps = self.num_train_timesteps if sampler == "ddpm" else 100
+        n_inf = num_inference_steps  # 0 must reach reverse_timesteps' check, not fall back to the default
         steps = self.reverse_timesteps(t_star, n_inf)
         if noise is None:
             noise = self.sample_noise(tuple(x01.shape), sampler, t_star, n_inf, generator, x01.device)
