@@ -51,6 +51,8 @@ def save_checkpoint(path: str | Path, meta: dict[str, Any], model: dict[str, tor
     """Write into a temp dir beside `path`, then swap it in, so a kill never leaves a half checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a kill mid-write; one writer per path
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     meta = dict(meta)
     save_file(_contiguous(model), tmp / "model.safetensors")
@@ -88,9 +90,19 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if not f.exists():
         raise CheckpointError(f"{path} is not a checkpoint (no meta.json)")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is corrupt: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f} is corrupt: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _load_file(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(f)
+    except Exception as e:  # safetensors reports a truncated or garbled file with its own error types
+        raise CheckpointError(f"{f} is corrupt: {type(e).__name__}: {e}") from e
 
 
 def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
@@ -101,7 +113,7 @@ def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
         f = path / "model.safetensors"
     if not f.exists():
         raise CheckpointError(f"{path}: missing {f.name}")
-    return load_file(f)
+    return _load_file(f)
 
 
 def load_optimizer(path: str | Path) -> dict | None:
@@ -109,7 +121,10 @@ def load_optimizer(path: str | Path) -> dict | None:
     f = path / "optimizer.safetensors"
     if not f.exists():
         return None
-    return optimizer_from_flat(load_file(f), load_meta(path)["optimizer"])
+    meta = load_meta(path)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{path}: meta.json lacks the optimizer state that {f.name} belongs to")
+    return optimizer_from_flat(_load_file(f), meta["optimizer"])
 
 
 def weights_sha256(path: str | Path, which: str = "ema") -> str:
