@@ -55,7 +55,12 @@ def load_unet(path: str | Path, which: str = "ema", device="cpu") -> EpsNet:
     meta = ckpt.load_meta(path)
     if meta.get("kind") not in ("diffusion", "addt"):
         raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a diffusion model")
-    unet = build_unet(meta["arch"]["unet"], **meta["arch"].get("unet_overrides", {}))
+    arch = meta["arch"]
+    if "unet_config" in arch:  # fine-tuned from a diffusers folder: the full config travels with the weights
+        from diffusers import UNet2DModel
+        unet = UNet2DModel.from_config(arch["unet_config"])
+    else:
+        unet = build_unet(arch["unet"], **arch.get("unet_overrides", {}))
     unet.load_state_dict(ckpt.load_weights(path, which))
     return EpsNet(unet).to(device).eval()
 

@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import Dist
+from .distributed import Dist, all_gather_object
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -141,9 +141,19 @@ class Trainer:
                     self.save(step)
         self.save(step)
         bar.close()
+        self.rank_digests = weight_digests(self.model)
         d.barrier()
         self.wall_time = time.time() - t0
         return step
+
+
+def weight_digests(model: nn.Module) -> list[str]:
+    """sha256 of the weights on every rank (rank order): DDP must leave them identical."""
+    import hashlib
+    h = hashlib.sha256()
+    for _, p in sorted(model.state_dict().items()):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return all_gather_object(h.hexdigest())
 
 
 def warmup_then_cosine(warmup: int, total: int, final: float = 0.0) -> Callable[[int], float]:
