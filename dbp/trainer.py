@@ -7,6 +7,7 @@ DDP: the loop only sees the wrapped module; DistributedSampler shards the data p
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,14 +97,16 @@ class Trainer:
         if cfg.batch_size % d.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {d.world_size}")
         per_rank = cfg.batch_size // d.world_size
+        base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # before a resume overwrites them with scheduled lrs
         start = self.try_resume()
+        if start and d.is_main:
+            print(f"resuming from {self.ckpt_dir} at step {start}", file=sys.stderr, flush=True)
         net = DDP(self.model) if d.world_size > 1 else self.model
         sampler = DistributedSampler(range(len(self.labels)), num_replicas=d.world_size, rank=d.rank,
                                      shuffle=True, seed=cfg.seed, drop_last=True)
         steps_per_epoch = len(sampler) // per_rank
         if steps_per_epoch == 0:
             raise ValueError(f"dataset of {len(self.labels)} is smaller than one batch of {cfg.batch_size}")
-        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         bar = tqdm(total=cfg.total_steps, initial=start, desc=progress_desc, disable=not d.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         step, t0 = start, time.time()
@@ -118,6 +121,9 @@ class Trainer:
                 sel = idx[b * per_rank:(b + 1) * per_rank]
                 x = self.images[sel].to(d.device).float().div_(255.0)
                 y = self.labels[sel].to(d.device)
+                # the step's random draws (noise, t, augmentation, dropout) depend only on (seed, rank, step),
+                # so a resumed run continues exactly as an uninterrupted one would have
+                torch.manual_seed(step_seed(cfg.seed, d.rank, step))
                 if self.lr_at is not None:
                     for g, lr in zip(self.optimizer.param_groups, base_lrs):
                         g["lr"] = lr * self.lr_at(step)
@@ -154,6 +160,10 @@ def weight_digests(model: nn.Module) -> list[str]:
     for _, p in sorted(model.state_dict().items()):
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return all_gather_object(h.hexdigest())
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return ((seed * 1_000_003 + step) << 12) + rank
 
 
 def warmup_then_cosine(warmup: int, total: int, final: float = 0.0) -> Callable[[int], float]:
