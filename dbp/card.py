@@ -111,3 +111,57 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---- figures -------------------------------------------------------------------------------------------
+
+def plot_card(card: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """accuracy.png (grouped by threat model: clean, DW-box, stochastic EoT, bare) and loss.png."""
+    from .plots import _plt, line_plot
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    norms = list(dict.fromkeys(s["threat_model"] for s in card["settings"]))
+    by = {(s["threat_model"], s["mode"]): s for s in card["settings"]}
+    series: dict[str, list[tuple[float, float, float] | None]] = {}
+
+    def add(label: str, norm_idx: int, stat: Mapping[str, Any] | None) -> None:
+        series.setdefault(label, [None] * len(norms))
+        if stat:
+            series[label][norm_idx] = (stat["acc"], *stat["ci95"])
+
+    for i, nm in enumerate(norms):
+        add("clean (purified)", i, card["clean"]["purified"])
+        add("DW-box", i, (by.get((nm, "dwbox")) or {}).get("robust"))
+        add("white-box EoT, single-shot", i, (by.get((nm, "eot")) or {}).get("robust"))
+        add("white-box EoT, expected", i, (by.get((nm, "eot")) or {}).get("robust_expected"))
+        add("bare classifier under PGD", i, card.get("bare_robust", {}).get(nm))
+    series = {k: v for k, v in series.items() if any(v)}
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.6 * len(norms) + 2), 4.8))
+    width = 0.8 / max(1, len(series))
+    for j, (label, vals) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(norms))]
+        acc = [v[0] if v else 0.0 for v in vals]
+        err = [[(v[0] - v[1]) if v else 0.0 for v in vals], [(v[2] - v[0]) if v else 0.0 for v in vals]]
+        ax.bar(xs, acc, width, yerr=err, capsize=3, label=label)
+        for xx, v in zip(xs, vals):
+            if v:
+                ax.text(xx, v[0] + 0.01, f"{v[0]:.0%}", ha="center", va="bottom", fontsize=7)
+    eps = {s["threat_model"]: s["eps"] for s in card["settings"]}
+    ax.set_xticks(range(len(norms)), [f"{nm} (eps={eps[nm]:.4g})" for nm in norms])
+    ax.set_ylim(0, 1.1), ax.set_ylabel("accuracy (95% interval)")
+    data = card.get("data", {})
+    ax.set_title(f"{data.get('dataset', '')}, n={data.get('n', '?')}, "
+                 f"{card['model']['purification']['sampler']} x{card['model']['purification']['unet_calls']}")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    fig.tight_layout()
+    acc_path = out_dir / "accuracy.png"
+    fig.savefig(acc_path, dpi=110)
+    plt.close(fig)
+
+    loss_path = line_plot({s["name"]: s["loss_trajectory"] for s in card["settings"] if s["loss_trajectory"]},
+                          out_dir / "loss.png", xlabel="PGD step", ylabel="cross-entropy (mean over images)",
+                          title="attack loss trajectory")
+    return [acc_path, loss_path]
