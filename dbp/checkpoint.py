@@ -64,8 +64,10 @@ def save_checkpoint(path: str | Path, meta: dict[str, Any], model: dict[str, tor
         meta["optimizer"] = opt_meta
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        os.chmod(f, 0o644)  # safetensors writes 0600: a server running as another user must read the weights
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

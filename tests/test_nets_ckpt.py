@@ -163,6 +163,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["ema.safetensors", "meta.json", "model.safetensors",
                                                       "optimizer.safetensors"]
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint"]  # no temp or .old leftovers
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in [path, *path.iterdir()])  # readable by a server's user
     loaded_meta = ckpt.load_meta(path)
     assert {k: loaded_meta[k] for k in meta} == meta
 
