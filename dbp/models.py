@@ -21,7 +21,9 @@ class Purifier(nn.Module):
         self.eps_net = eps_net
         self.diffusion = Diffusion()
         self.t_star, self.sampler, self.grad_checkpoint = t_star, sampler, grad_checkpoint
-        self.num_inference_steps = num_inference_steps or (1000 if sampler == "ddpm" else 100)
+        if num_inference_steps is None:
+            num_inference_steps = 1000 if sampler == "ddpm" else 100
+        self.num_inference_steps = num_inference_steps
         self.diffusion.reverse_timesteps(t_star, self.num_inference_steps)  # validate settings early
 
     @property
