@@ -1,0 +1,99 @@
+"""training/export.py: gated, atomic, numbered versions in a temporary copy of model_repository/."""
+from __future__ import annotations
+
+import filecmp
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dbp import serving
+from dbp.checkpoint import load_meta, weights_sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_card(path: Path, purifier: Path, classifier: Path, passed: bool = True) -> Path:
+    card = {"schema": "dbp.robustness_card/1",
+            "model": {"purifier_sha256": weights_sha256(purifier), "classifier_sha256": weights_sha256(classifier)},
+            "gate": {"passed": passed, "reasons": [] if passed else ["robust accuracy 0.10 < 0.30"]},
+            "settings": [{"name": "tiny-test", "robust": {"acc": 0.5}}]}
+    path.write_text(json.dumps(card))
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"))
+    return repo
+
+
+def entries(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    import export
+    failed = write_card(tmp_path / "failed.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False)
+    # a passing card, but computed on other weights (the classifier's hash where the purifier's belongs)
+    other = write_card(tmp_path / "other.json", tiny_classifier_ckpt, tiny_classifier_ckpt)
+    for card, msg in [(failed, "robustness gate failed: robust accuracy 0.10 < 0.30"),
+                      (other, "purifier weights .* are not the weights the card was computed on"),
+                      (tmp_path / "missing.json", "no robustness card")]:
+        with pytest.raises(export.ExportError, match=msg):
+            export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    for model in ("purifier", "classifier"):
+        assert entries(repo / model) == ["config.pbtxt", "model.py"]  # no version, no temp dir
+
+
+def test_export_cli_errors_name_the_problem(repo, tmp_path, capsys, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    import export
+    card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    cases = [
+        (["--purifier", str(tmp_path / "nope")], "--purifier: .*nope is not a directory"),
+        (["--purifier", str(tiny_classifier_ckpt)], "'classifier' checkpoint; a purifier needs kind diffusion or addt"),
+        (["--purifier", str(tiny_diffusion_ckpt), "--repo", str(tmp_path)], "is not the model repository"),
+    ]
+    for args, msg in cases:
+        argv = ["--classifier", str(tiny_classifier_ckpt), "--card", str(card), "--repo", str(repo)] + args
+        assert export.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and re.search(msg, err), err
+    with pytest.raises(SystemExit) as e:  # argparse: a required flag is missing
+        export.main(["--purifier", str(tiny_diffusion_ckpt)])
+    assert e.value.code == 2
+
+
+def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tiny_diffusion_ckpt,
+                                                             tiny_classifier_ckpt):
+    import export
+    card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    argv = ["--purifier", str(tiny_diffusion_ckpt), "--classifier", str(tiny_classifier_ckpt), "--card", str(card),
+            "--repo", str(repo)]
+    assert export.main(argv) == 0
+    v1 = repo / "purifier" / "1"
+    assert entries(v1) == ["__pycache__", "export.json", "model.py", "robustness_card.json", "weights"]
+    assert filecmp.cmp(v1 / "model.py", repo / "purifier" / "model.py", shallow=False)
+    # only the serving weights: EMA when the checkpoint has it, never the optimizer
+    assert entries(v1 / "weights") == ["ema.safetensors", "meta.json"]
+    assert entries(repo / "classifier" / "1" / "weights") == sorted(
+        ["meta.json", "ema.safetensors" if (tiny_classifier_ckpt / "ema.safetensors").exists()
+         else "model.safetensors"])
+    assert "optimizer" not in load_meta(v1 / "weights") and "optimizer" in load_meta(tiny_diffusion_ckpt)
+    assert weights_sha256(v1 / "weights") == weights_sha256(tiny_diffusion_ckpt)
+    assert json.loads((v1 / "robustness_card.json").read_text()) == json.loads(card.read_text())
+    for role in ("purifier", "classifier"):  # what the server checks at load time
+        serving.load_version(repo / role / "1", role)
+
+    assert export.main(argv) == 0 and export.main(argv) == 0
+    for model in ("purifier", "classifier"):
+        assert entries(repo / model) == ["2", "3", "config.pbtxt", "model.py"]  # version_policy latest 2
+    # a rollback is deleting the newest dir; the next export continues after the highest remaining one
+    shutil.rmtree(repo / "purifier" / "3")
+    shutil.rmtree(repo / "classifier" / "3")
+    assert export.main(argv) == 0
+    assert entries(repo / "purifier") == ["2", "3", "config.pbtxt", "model.py"]
+    assert json.loads((repo / "classifier" / "3" / "export.json").read_text())["version"] == 3
