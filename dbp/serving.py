@@ -239,6 +239,16 @@ def serve_batch(prepare: Callable[[Inputs], Any], run: Callable[[list], list],
     return results
 
 
+def _images_and_batch(r: Inputs) -> tuple[np.ndarray, int]:
+    x = r.get("IMAGES")
+    if x is None:
+        raise RequestError("missing input IMAGES")
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise RequestError(f"IMAGES must be a 4-d batch [B, C, H, W], got {_shape(x)}")
+    return x, int(x.shape[0])
+
+
 def _chunked(fn: Callable, x, max_rows: int):
     import torch
     if x.shape[0] <= max_rows:
@@ -280,8 +290,7 @@ class PurifierService:
 
     def prepare(self, r: Inputs) -> PurifyItem:
         import torch
-        x = r.get("IMAGES")
-        batch = 0 if x is None or np.ndim(x) == 0 else int(np.shape(x)[0])
+        x, batch = _images_and_batch(r)
         k = check_votes(r.get("VOTES"), batch, self.settings.max_votes)
         x = check_images(x, self.chw, 1, self.settings.range_tolerance)
         return PurifyItem(torch.from_numpy(x), k, check_seeds(r.get("SEED"), batch))
@@ -345,8 +354,7 @@ class ClassifierService:
 
     def prepare(self, r: Inputs) -> ClassifyItem:
         import torch
-        x = r.get("IMAGES")
-        batch = 0 if x is None or np.ndim(x) == 0 else int(np.shape(x)[0])
+        x, batch = _images_and_batch(r)
         k = check_votes(r.get("VOTES"), batch, self.settings.max_votes)
         x = check_images(x, self.chw, k, self.settings.range_tolerance)
         return ClassifyItem(torch.from_numpy(x).reshape(-1, *self.chw), k)

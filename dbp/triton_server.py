@@ -379,14 +379,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        load_models=a.load_model, ready_timeout=a.ready_timeout, log_verbose=a.log_verbose,
                        run_dir=a.run_dir, echo=not a.quiet)
     server = TritonServer(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        server.start()
+        server.start()  # Ctrl-C here raises KeyboardInterrupt; start() stops the half-started server
     except TritonServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     print(f"Triton ready in {server.startup_s:.1f} s: http {server.http_url}  grpc {server.grpc_url}  "
           f"metrics {server.metrics_url}  (Ctrl-C stops)", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
