@@ -40,5 +40,7 @@ test: venv data
 bench: venv data
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
-up: venv data
-	@echo "make up: the serving stack arrives with the Triton issue; nothing is served yet." >&2; exit 1
+# Triton on loopback, HTTP :8000 gRPC :8001 metrics :8002 (override: make up TRITON_ARGS="--http-port 9000 ...").
+# Foreground until Ctrl-C; new version dirs written by training/export.py are picked up by polling.
+up: venv
+	$(VPY) -m dbp.triton_server --repo model_repository $(TRITON_ARGS)
