@@ -149,7 +149,8 @@ class Trainer:
         bar.close()
         self.rank_digests = weight_digests(self.model)
         d.barrier()
-        self.wall_time = time.time() - t0
+        self.wall_time = time.time() - t0  # of this invocation: a resumed run counts only its own steps
+        self.steps_run = step - start
         return step
 
 

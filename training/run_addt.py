@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
         line_plot(series, out / "loss.png", "step", "value", f"run_addt --mode {cfg.mode}")
         result = {"mode": cfg.mode, "rbgm": addt_cfg.rbgm, "steps": cfg.steps,
                   "final_loss": hist[-1]["loss"] if hist else None, "wall_time_s": round(trainer.wall_time, 1),
-                  "s_per_step": round(trainer.wall_time / max(1, cfg.steps), 3),
+                  "s_per_step": round(trainer.wall_time / max(1, trainer.steps_run), 3),
                   "world_size": d.world_size, "ranks_in_sync": len(set(trainer.rank_digests)) == 1,
                   "rank_weight_sha256": trainer.rank_digests}
         (out / "report.json").write_text(json.dumps({**result, "config": C.to_dict(cfg)}, indent=2))
