@@ -82,6 +82,34 @@ def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
 
 # ---- version directories --------------------------------------------------------------------------
 
+def ensure_bytecode(model_py: str | Path) -> bool:
+    """Write a valid __pycache__/*.pyc beside a version's model.py unless one exists; True if written.
+
+    The python backend stub imports model.py without honouring PYTHONDONTWRITEBYTECODE, and the .pyc it
+    writes changes the version dir; a polling tritonserver takes that for a new version and reloads the
+    model (a second torch start-up) on its first poll. With a valid .pyc present the stub writes nothing.
+    Must run with the Python the stub embeds (the venv's), as the .pyc name and magic are per version.
+    """
+    import importlib.util
+    import py_compile
+    import struct
+
+    src = Path(model_py)
+    pyc = Path(importlib.util.cache_from_source(str(src)))
+    st = src.stat()
+    try:
+        head = pyc.read_bytes()[:16]
+        magic, flags, mtime, size = head[:4], *struct.unpack("<3I", head[4:16])
+        if (magic == importlib.util.MAGIC_NUMBER and flags == 0 and mtime == int(st.st_mtime) & 0xFFFFFFFF
+                and size == st.st_size & 0xFFFFFFFF):
+            return False
+    except (OSError, struct.error, ValueError):
+        pass
+    py_compile.compile(str(src), cfile=str(pyc), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    return True
+
+
 @dataclass
 class Version:
     dir: Path
@@ -376,4 +404,4 @@ class ClassifierService:
 
 __all__ = ["RequestError", "PurifierSettings", "ClassifierSettings", "parse_parameters", "Version", "load_version",
            "card_matches", "check_images", "check_votes", "check_seeds", "aggregate_votes", "serve_batch",
-           "PurifierService", "ClassifierService", "WEIGHTS_DIR", "CARD_FILE"]
+           "PurifierService", "ClassifierService", "WEIGHTS_DIR", "CARD_FILE", "ensure_bytecode"]

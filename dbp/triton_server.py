@@ -144,13 +144,18 @@ def assemble_backends(run_dir: Path) -> Path:
 
 
 def check_repository(repo: Path) -> None:
-    """Fail before launching when a python model has no version: tritonserver would exit with a vaguer error."""
+    """Fail before launching when a python model has no version (tritonserver's error is vaguer), and give
+    every version's model.py its .pyc (a version dir from git has none; see dbp.serving.ensure_bytecode)."""
+    from .serving import ensure_bytecode
+
     if not repo.is_dir():
         raise TritonServerError(f"model repository {repo} does not exist")
     for cfg in sorted(repo.glob("*/config.pbtxt")):
         if 'backend: "python"' not in cfg.read_text():
             continue
         versions = [d for d in cfg.parent.iterdir() if d.is_dir() and d.name.isdigit() and (d / "model.py").exists()]
+        for d in versions:
+            ensure_bytecode(d / "model.py")
         if not versions:
             raise TritonServerError(
                 f"{cfg.parent} has no version directory with a model.py; export one first:\n"

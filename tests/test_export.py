@@ -87,6 +87,7 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
     assert json.loads((v1 / "robustness_card.json").read_text()) == json.loads(card.read_text())
     for role in ("purifier", "classifier"):  # what the server checks at load time
         serving.load_version(repo / role / "1", role)
+    assert not serving.ensure_bytecode(v1 / "model.py")  # export left a valid .pyc: the stub writes nothing
 
     assert export.main(argv) == 0 and export.main(argv) == 0
     for model in ("purifier", "classifier"):

@@ -122,6 +122,8 @@ def repo(tmp_path_factory, tiny_diffusion_ckpt, tiny_classifier_ckpt) -> Path:
     set_param(repo / "purifier" / "config.pbtxt", "threads", "1")
     card = write_card(tmp / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
     assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo) == 1
+    # as in a git checkout (no __pycache__): the launcher must write the .pyc before the server polls
+    shutil.rmtree(repo / "purifier" / "1" / "__pycache__")
     return repo
 
 
@@ -385,7 +387,7 @@ def test_new_version_is_picked_up_with_no_failed_request(server, repo, tiny_diff
             assert time.monotonic() < deadline, f"version 2 not loaded: {index}\n{server.log_tail()}"
             time.sleep(0.5)
         n_at_swap = len(results)
-        time.sleep(1.5)
+        time.sleep(2.5)  # > 2 poll intervals
     finally:
         stop.set()
         for t in threads:
@@ -393,6 +395,8 @@ def test_new_version_is_picked_up_with_no_failed_request(server, repo, tiny_diff
     failures = [r for r in results if r != "ok"]
     assert not failures, failures[:3]
     assert len(results) > n_at_swap > 0
+    log = server.log_path.read_text()
+    assert log.count('"loading: purifier:2"') == 1, server.log_tail()  # loaded once, not reloaded after
     # version 1 stays loaded (latest 2); requests now reach version 2
     assert index[("purifier", "1")] == "READY"
     assert _stats_version(http, "purifier", "2") > 0

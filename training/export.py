@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib.util
 import json
 import os
-import py_compile
 import re
 import secrets
 import shutil
@@ -29,7 +27,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dbp import checkpoint as ckpt  # noqa: E402
 from dbp.runtime import git_commit  # noqa: E402
-from dbp.serving import CARD_FILE, WEIGHTS_DIR  # noqa: E402
+from dbp.serving import CARD_FILE, WEIGHTS_DIR, ensure_bytecode  # noqa: E402
 
 ROLES = {"purifier": ("diffusion", "addt"), "classifier": ("classifier",)}
 TMP_PREFIX = ".export-"
@@ -129,11 +127,7 @@ def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, p
         raise ExportError(f"no model.py template at {template}")
     (tmp / WEIGHTS_DIR).mkdir(parents=True)
     shutil.copy2(template, tmp / "model.py")
-    # The stub imports model.py without honouring PYTHONDONTWRITEBYTECODE; the __pycache__ it would write
-    # changes the version dir, and a polling server then reloads the model on its first poll (a second
-    # torch start-up for nothing). A valid .pyc written now leaves the stub nothing to write.
-    py_compile.compile(str(tmp / "model.py"), cfile=importlib.util.cache_from_source(str(tmp / "model.py")),
-                       doraise=True)
+    ensure_bytecode(tmp / "model.py")  # else the stub's own .pyc looks like a new version to a polling server
     meta = ckpt.load_meta(ckpt_dir)
     meta.pop("optimizer", None)  # optimizer state has no business in a serving artifact
     (tmp / WEIGHTS_DIR / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
