@@ -404,6 +404,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
     rc = server.stop()
     print(f"tritonserver stopped (exit code {rc})", file=sys.stderr)
+    if rc != 0 and "HTTP service connections" in server.log_tail(400):
+        print("note: a client kept an HTTP connection open, so tritonserver spent its whole --exit-timeout-secs "
+              "waiting for it and then exited 1; close clients (tritonclient .close()) before stopping",
+              file=sys.stderr)
     return 0 if rc == 0 else 1
 
 
