@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+
+if TYPE_CHECKING:  # diffusers is imported lazily: a classifier-only process (a Triton stub) never needs it
+    from diffusers import UNet2DModel
 
 # Named UNet layouts. "small" is the Fashion-MNIST default (1.1M params, attention only at 8x8, chosen
 # for what a 2-core CPU trains in the budget); "ddpm-cifar10" is google/ddpm-cifar10-32's 35.7M layout.
@@ -29,6 +31,7 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
 def build_unet(name: str = "small", **overrides: Any) -> UNet2DModel:
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet config {name!r}; known: {sorted(UNET_CONFIGS)}")
+    from diffusers import UNet2DModel
     return UNet2DModel(**{**UNET_CONFIGS[name], **overrides})
 
 
@@ -38,6 +41,7 @@ def load_diffusers_unet(folder: str | Path) -> UNet2DModel:
     sub = "unet" if (folder / "unet" / "config.json").exists() else None
     if not (folder / (sub or "") / "config.json").exists():
         raise FileNotFoundError(f"no diffusers UNet config.json under {folder} (or {folder}/unet)")
+    from diffusers import UNet2DModel
     return UNet2DModel.from_pretrained(folder, subfolder=sub, local_files_only=True)
 
 
