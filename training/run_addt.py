@@ -41,7 +41,7 @@ class RunConfig:
     out_dir: str = "runs/addt"
     mode: str = "addt"  # addt | clean
     no_rbgm: bool = False
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 32  # global batch
     lr: float = 2e-4
     betas: tuple[float, ...] = (0.95, 0.999)
@@ -66,7 +66,7 @@ class RunConfig:
 PRESETS = {
     "smoke": dict(steps=4, batch_size=8, ckpt_every=2, t_max=100),
     # the Fashion-MNIST base model was trained on t <= 100 only (all that purification at t*=100 visits)
-    "default": dict(steps=300, batch_size=32, t_max=100, ckpt_every=25),
+    "default": dict(steps=150, batch_size=32, t_max=100, ckpt_every=25),
     # method.md §5.6: 8 GPUs x 32 = 256 global, 100 epochs of CIFAR-10 (~19.6k steps), all timesteps
     "cifar10": dict(dataset="cifar10", steps=19600, batch_size=256, t_max=999, ckpt_every=1000,
                     init="ddpm_ema_cifar10", classifier="wrn-28-10-cifar10"),

@@ -34,7 +34,7 @@ class DiffusionConfig:
     data_root: Optional[str] = None
     unet: str = "small"
     out_dir: str = "runs/diffusion"
-    steps: int = 2400
+    steps: int = 1800
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-6
