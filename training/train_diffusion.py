@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dbp import config as C, distributed  # noqa: E402
 from dbp.data import load_dataset  # noqa: E402
-from dbp.diffusion import Diffusion, to_model_range  # noqa: E402
+from dbp.diffusion import Diffusion, to_image_range, to_model_range  # noqa: E402
 from dbp.models import Purifier  # noqa: E402
 from dbp.nets import EpsNet, build_unet  # noqa: E402
 from dbp.plots import image_grid, line_plot  # noqa: E402
@@ -107,8 +107,8 @@ def write_grid(eps_net, x01: torch.Tensor, path: Path) -> Path:
     with torch.inference_mode():
         p_ddim = Purifier(eps_net, sampler="ddim")
         noise = p_ddim.sample_noise(x01, g)
-        a = p_ddim.diffusion.abar(100)
-        noised = ((a.sqrt() * to_model_range(x01) + (1 - a).sqrt() * noise.forward) / 2 + 0.5).clamp(0, 1)
+        t_star = torch.tensor(p_ddim.t_star)
+        noised = to_image_range(p_ddim.diffusion.q_sample(to_model_range(x01), t_star, noise.forward))
         rows = [x01, noised, p_ddim(x01, noise=noise), Purifier(eps_net, sampler="ddpm")(x01, generator=g)]
     return image_grid(rows, path)
 
