@@ -11,19 +11,6 @@ from dbp import serving
 INPUTS = ("IMAGES", "VOTES")
 
 
-def _numpy(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
-
-
-def _response(result):
-    if isinstance(result, Exception):
-        bad_request = isinstance(result, serving.RequestError)
-        code = pb_utils.TritonError.INVALID_ARG if bad_request else pb_utils.TritonError.INTERNAL
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code))
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in result.items()])
-
-
 class TritonPythonModel:
     def initialize(self, args):
         settings = serving.parse_parameters(serving.ClassifierSettings, args["model_config"])
@@ -32,4 +19,4 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"classifier v{args['model_version']}: {settings}, input {self.service.chw}")
 
     def execute(self, requests):
-        return [_response(r) for r in self.service([{n: _numpy(q, n) for n in INPUTS} for q in requests])]
+        return serving.triton_execute(pb_utils, self.service, requests, INPUTS)
