@@ -7,7 +7,11 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 FASHION_DIR ?= $(or $(DBP_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 
-.PHONY: up down test venv data bench help
+.PHONY: up down test venv data system bench help
+# Debian packages the tests drive for real: a Prometheus server (+promtool), headless Chromium (demo page),
+# docker-compose 1.x (parses the compose file without an engine). Installed when running as root.
+DEB_PACKAGES := prometheus chromium docker-compose
+DEB_PROBES := /usr/bin/prometheus /usr/bin/promtool /usr/bin/chromium /usr/bin/docker-compose
 help:
 	@echo "make up    - start the serving stack (Triton with model_repository/)"
 	@echo "make test  - create .venv, install pinned deps and data, run the test suite"
@@ -34,7 +38,18 @@ data:
 	  exit 1; \
 	fi
 
-test: venv data
+system:
+	@missing=0; for f in $(DEB_PROBES); do [ -x $$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES) >/dev/null; \
+	else \
+	  echo "warning: some of $(DEB_PROBES) are missing and this is not root: run 'apt-get install $(DEB_PACKAGES)';" \
+	       "the tests that need them will fail" >&2; \
+	fi
+
+test: venv data system
 	$(VPY) -m pytest -q
 
 bench: venv data

@@ -33,6 +33,7 @@ class LoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    keep_every: int = 0  # also keep a weights-only snapshot every N steps (learning curves); 0 = never
 
 
 @dataclass
@@ -71,6 +72,10 @@ class Trainer:
             meta["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
         ckpt.save_checkpoint(self.ckpt_dir, meta, self.model.state_dict(), self.ema_state(),
                              self.optimizer.state_dict())
+        if self.loop.keep_every and step % self.loop.keep_every == 0:
+            # weights only (no optimizer): a learning curve evaluates these, a resume never reads them
+            ckpt.save_checkpoint(Path(self.out_dir) / "snapshots" / f"step_{step:06d}", meta,
+                                 self.model.state_dict(), self.ema_state())
 
     def try_resume(self) -> int:
         try:
@@ -143,7 +148,8 @@ class Trainer:
                     self.history.append({"step": step, **logs})
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-                if step % cfg.ckpt_every == 0 and step < cfg.total_steps:
+                if (step % cfg.ckpt_every == 0 or (cfg.keep_every and step % cfg.keep_every == 0)) \
+                        and step < cfg.total_steps:
                     self.save(step)
         self.save(step)
         bar.close()

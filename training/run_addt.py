@@ -58,6 +58,7 @@ class RunConfig:
     lambda_max: float = 0.3
     flip: bool = True
     ckpt_every: int = 25
+    keep_every: int = 0  # weights-only snapshots under <out_dir>/snapshots/step_N (learning curves)
     seed: int = 0
     threads: int = 0
     device: str = "auto"
@@ -133,7 +134,8 @@ def main(argv=None) -> dict:
     meta = {"kind": "addt", "arch": arch, "mode": cfg.mode, "rbgm": not cfg.no_rbgm, "config": C.to_dict(cfg),
             "init": str(cfg.init), "classifier": str(cfg.classifier), "git_commit": git_commit()}
     trainer = Trainer(unet, opt, loss_fn, train.images, train.labels,
-                      LoopConfig(cfg.steps, cfg.batch_size, cfg.ckpt_every, cfg.grad_clip, cfg.seed, log_every=1),
+                      LoopConfig(cfg.steps, cfg.batch_size, cfg.ckpt_every, cfg.grad_clip, cfg.seed, log_every=1,
+                                 keep_every=cfg.keep_every),
                       Path(cfg.out_dir), meta, d, ema=ema, lr_at=constant())
     trainer.fit(f"{cfg.mode}{'' if addt_cfg.rbgm else '-no-rbgm'}")
     result = {}
