@@ -1,0 +1,93 @@
+"""What /classify and /purify share: seeds, the per-pair request tensors, metadata and headers."""
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..cards import CardReader
+from ..core.config import Settings
+from ..core.errors import ApiError
+from ..images import Decoded
+from ..schemas import SEED_MAX
+from ..triton.models import IMAGES, SEED, VOTES, PairInfo
+from ..triton.pool import TritonPool
+
+PROBLEM_CODES = (400, 401, 413, 415, 422, 429, 502, 503, 504)
+ERROR_TEXT = {
+    400: "Triton rejected the input", 401: "missing or wrong X-API-Key", 413: "body or image too large",
+    415: "not an accepted content type, image format or pixel mode", 422: "invalid parameter or image",
+    429: "too many requests in flight (see Retry-After)", 502: "Triton failed on the request",
+    503: "no Triton backend ready (see Retry-After)", 504: "Triton did not answer within the request timeout",
+}
+
+
+def problem_responses(*codes: int) -> dict:
+    return {c: {"description": ERROR_TEXT.get(c, "error"),
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            for c in codes}
+
+
+def request_seeds(seed: Optional[int], n: int) -> list[int]:
+    """Image i gets seed + i (mod 2^63); without a seed the gateway draws one, so every answer can be
+    reproduced by sending the reported seed back (each image's noise depends only on its own seed)."""
+    base = secrets.randbits(63) if seed is None else seed
+    return [(base + i) % (SEED_MAX + 1) for i in range(n)]
+
+
+def current_pair(pool: TritonPool) -> PairInfo:
+    pair = pool.any_pair()
+    if pair is None:
+        reasons = "; ".join(f"{b.url}: {b.reason}" for b in pool.backends)
+        raise pool.unavailable(f"no Triton backend is ready ({reasons})")
+    return pair
+
+
+def check_limits(pair: PairInfo, settings: Settings, n: int, votes: int) -> None:
+    if n > pair.max_batch:
+        raise ApiError(422, "too_many_images", f"{n} images in one request; the deployed model takes at most "
+                       f"{pair.max_batch}")
+    max_votes = min(settings.MAX_VOTES, pair.max_votes)
+    if not 1 <= votes <= max_votes:
+        raise ApiError(422, "bad_parameter", f"votes must be in [1, {max_votes}], got {votes}")
+
+
+def builder(images: list[Decoded], seeds: list[int], votes: int, settings: Settings, shape: tuple[int, int, int]):
+    """build(pair) for TritonPool.run: the purifier's inputs for the pair the chosen backend serves."""
+    def build(pair: PairInfo):
+        if (pair.channels, pair.height, pair.width) != shape:
+            raise ApiError(503, "triton_unavailable", "the deployed model changed its input shape while this "
+                           "request was being read; retry", {"Retry-After": str(settings.RETRY_AFTER_S)})
+        check_limits(pair, settings, len(images), votes)
+        feeds = {IMAGES: np.stack([d.array for d in images]), SEED: np.array(seeds, dtype=np.int64)[:, None]}
+        if votes > 1:
+            feeds[VOTES] = np.full((len(images), 1), votes, dtype=np.int32)
+        return feeds, votes
+    return build
+
+
+def model_info(settings: Settings, pair: PairInfo, with_classifier: bool) -> dict:
+    return {"name": settings.ENSEMBLE_MODEL if with_classifier else settings.PURIFIER_MODEL,
+            "purifier_version": pair.version, "classifier_version": pair.version if with_classifier else None,
+            "input_shape": [pair.channels, pair.height, pair.width],
+            "class_names": list(pair.class_names) if pair.class_names else None}
+
+
+def robustness(cards: CardReader, pair: PairInfo) -> Optional[dict]:
+    return cards.summary(pair.version)
+
+
+def timings(t0: float, triton_s: float, decode_s: float) -> dict:
+    return {"total_ms": round((time.perf_counter() - t0) * 1000, 3), "triton_ms": round(triton_s * 1000, 3),
+            "decode_ms": round(decode_s * 1000, 3)}
+
+
+def version_headers(pair: PairInfo, with_classifier: bool, t: dict) -> dict[str, str]:
+    h = {"X-Purifier-Version": str(pair.version),
+         "Server-Timing": f"total;dur={t['total_ms']:.1f}, triton;dur={t['triton_ms']:.1f}, "
+                          f"decode;dur={t['decode_ms']:.1f}"}
+    if with_classifier:
+        h["X-Classifier-Version"] = str(pair.version)
+    return h

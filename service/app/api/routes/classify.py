@@ -1,0 +1,65 @@
+"""POST /classify: purify each image (purifier version N) and classify it (classifier version N)."""
+
+import time
+from typing import Annotated, Literal, Optional
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from ...core.config import Settings
+from ...schemas import SEED_MAX, ClassifyResponse
+from ...triton.models import AGREEMENT, LABEL, PROBS
+from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
+                      version_headers)
+from ..deps import ApiKeyDep, CardsDep, MetricsDep, PoolDep, SettingsDep
+from ..uploads import read_images, request_body_openapi
+
+
+def router(settings: Settings) -> APIRouter:
+    r = APIRouter(tags=["inference"])
+
+    @r.post("/classify", response_model=ClassifyResponse, openapi_extra=request_body_openapi(settings),
+            responses=problem_responses(400, 401, 413, 415, 422, 429, 502, 503, 504),
+            summary="Purify and classify one or several images")
+    async def classify(
+        request: Request, _auth: ApiKeyDep, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
+        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
+                                             "the gateway draws one and reports it")] = None,
+        votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "
+                                    "image; the label is their majority, `agreement` its share")] = 1,
+        convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
+                                       "refuse (422) images that would need it")] = True,
+        fit: Annotated[Literal["pad", "stretch"], Query(description="pad: shrink to fit keeping the aspect "
+                                                        "ratio, centre on black; stretch: resize to exactly the "
+                                                        "model size")] = "pad",
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        pair = current_pair(pool)
+        shape = (pair.channels, pair.height, pair.width)
+        images, decode_s = await read_images(request, cfg, shape, convert, fit)
+        seeds = request_seeds(seed, len(images))
+        deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
+        out = await pool.run("classify", builder(images, seeds, votes, cfg, shape), deadline)
+        pair = out.pair
+        probs, labels, agree = out.outputs[PROBS], out.outputs[LABEL].reshape(-1), out.outputs[AGREEMENT].reshape(-1)
+        names = pair.names_for(probs.shape[1])
+        preds = []
+        for i, d in enumerate(images):
+            label = int(labels[i])
+            preds.append({"index": i, "label": label, "class_name": names[label] if 0 <= label < len(names)
+                          else str(label), "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs[i])},
+                          "agreement": round(float(agree[i]), 6) if votes > 1 else None, "seed": seeds[i],
+                          "input": d.info})
+        metrics.triton_duration.labels("/classify").observe(out.triton_s)
+        metrics.images.labels("/classify").observe(len(images))
+        metrics.votes.observe(votes)
+        if votes > 1:
+            for a in agree:
+                metrics.agreement.observe(float(a))
+        t = timings(t0, out.triton_s, decode_s)
+        body = ClassifyResponse.model_validate({
+            "model": model_info(cfg, pair, True), "purification": pair.purification,
+            "robustness": robustness(cards, pair), "votes": votes, "predictions": preds, "timings": t})
+        return JSONResponse(body.model_dump(mode="json"), headers=version_headers(pair, True, t))
+
+    return r

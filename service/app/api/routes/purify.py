@@ -1,0 +1,86 @@
+"""POST /purify: the purified image(s), as image/png (one image) or JSON with base64 PNGs."""
+
+import base64
+import time
+from typing import Annotated, Literal, Optional
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...core.config import Settings
+from ...core.errors import ApiError
+from ...images import to_png
+from ...schemas import SEED_MAX, PurifyResponse
+from ...triton.models import PURIFIED
+from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
+                      version_headers)
+from ..deps import ApiKeyDep, CardsDep, MetricsDep, PoolDep, SettingsDep
+from ..uploads import read_images, request_body_openapi
+
+
+def wants_json(fmt: Optional[str], accept: str, n: int) -> bool:
+    if fmt is not None:
+        return fmt == "json"
+    accept = accept.lower()
+    return n > 1 or ("application/json" in accept and "image/png" not in accept)
+
+
+def router(settings: Settings) -> APIRouter:
+    r = APIRouter(tags=["inference"])
+    responses = problem_responses(400, 401, 413, 415, 422, 429, 502, 503, 504)
+    responses[200] = {"description": "image/png for one image (default), JSON with base64 PNGs when asked for "
+                      "(format=json or Accept: application/json) or for several images",
+                      "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+    @r.post("/purify", response_model=PurifyResponse, openapi_extra=request_body_openapi(settings),
+            responses=responses, summary="Purify one or several images")
+    async def purify(
+        request: Request, _auth: ApiKeyDep, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
+        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
+                                             "the gateway draws one and reports it")] = None,
+        format: Annotated[Optional[Literal["png", "json"]], Query(description="png (one image only) or json; "
+                                                                  "default: png for one image unless Accept "
+                                                                  "asks for application/json")] = None,
+        convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
+                                       "refuse (422) images that would need it")] = True,
+        fit: Annotated[Literal["pad", "stretch"], Query(description="pad: shrink to fit keeping the aspect "
+                                                        "ratio, centre on black; stretch: resize to exactly "
+                                                        "the model size")] = "pad",
+    ) -> Response:
+        t0 = time.perf_counter()
+        pair = current_pair(pool)
+        shape = (pair.channels, pair.height, pair.width)
+        images, decode_s = await read_images(request, cfg, shape, convert, fit)
+        as_json = wants_json(format, request.headers.get("accept", ""), len(images))
+        if not as_json and len(images) > 1:
+            raise ApiError(422, "bad_parameter", f"format=png returns one image but {len(images)} were sent; "
+                           "use format=json")
+        seeds = request_seeds(seed, len(images))
+        deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
+        out = await pool.run("purify", builder(images, seeds, 1, cfg, shape), deadline)
+        pair = out.pair
+        purified = out.outputs[PURIFIED]
+        pngs = await anyio.to_thread.run_sync(lambda: [to_png(p) for p in purified])
+        metrics.triton_duration.labels("/purify").observe(out.triton_s)
+        metrics.images.labels("/purify").observe(len(images))
+        t = timings(t0, out.triton_s, decode_s)
+        headers = version_headers(pair, False, t)
+        if not as_json:
+            info = images[0].info
+            headers.update({
+                "X-Seed": str(seeds[0]), "X-Purification-Sampler": str(pair.sampler),
+                "X-Purification-Steps": str(pair.num_inference_steps), "X-Purification-T-Star": str(pair.t_star),
+                "X-Input-Size": f"{info['width']}x{info['height']}", "X-Input-Mode": info["mode"],
+                "X-Input-Conversions": "; ".join(info["conversions"]) or "none"})
+            return Response(pngs[0], media_type="image/png", headers=headers)
+        mode = {1: "L", 3: "RGB"}.get(pair.channels, "?")
+        body = PurifyResponse.model_validate({
+            "model": model_info(cfg, pair, False), "purification": pair.purification,
+            "robustness": robustness(cards, pair), "timings": t,
+            "images": [{"index": i, "seed": seeds[i], "width": pair.width, "height": pair.height, "mode": mode,
+                        "png_base64": base64.b64encode(png).decode(), "input": d.info}
+                       for i, (d, png) in enumerate(zip(images, pngs))]})
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+    return r

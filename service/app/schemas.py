@@ -1,0 +1,151 @@
+"""Request and response models (they are the OpenAPI schema; every one carries an example)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# a 1x1 black PNG: a valid image for examples and "try it out"
+TINY_PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==")
+SEED_MAX = 2**63 - 1
+
+
+class ImagesJSON(BaseModel):
+    """JSON form of the image upload: base64-encoded PNG/JPEG/WebP files (plain or as data: URLs)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [TINY_PNG_B64]}]})
+    images: list[str] = Field(..., min_length=1, description="base64 image files, or data:image/...;base64,... URLs")
+    filenames: Optional[list[str]] = Field(None, description="optional names echoed back, one per image")
+
+
+class InputInfo(BaseModel):
+    filename: str = Field(..., examples=["shirt.png"])
+    format: str = Field(..., examples=["PNG"])
+    width: int = Field(..., examples=[28])
+    height: int = Field(..., examples=[28])
+    mode: str = Field(..., description="Pillow pixel mode of the upload", examples=["L"])
+    converted: bool = Field(..., description="whether the image was converted to the model's mode and size")
+    conversions: list[str] = Field(..., examples=[["padded 28x28 -> 32x32 with black, centred"]])
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    name: str = Field(..., examples=["purify_classify"])
+    purifier_version: int = Field(..., examples=[2])
+    classifier_version: Optional[int] = Field(None, examples=[2], description="null for /purify")
+    input_shape: list[int] = Field(..., description="[C, H, W] the models take", examples=[[1, 32, 32]])
+    class_names: Optional[list[str]] = Field(None, examples=[["T-shirt/top", "Trouser"]])
+
+
+class Purification(BaseModel):
+    sampler: Optional[str] = Field(None, examples=["ddim"])
+    num_inference_steps: Optional[int] = Field(None, examples=[100])
+    t_star: Optional[int] = Field(None, description="diffusion time the input is noised to", examples=[100])
+
+
+class RobustAccuracy(BaseModel):
+    setting: str = Field(..., examples=["linf-dwbox"])
+    description: Optional[str] = Field(None, examples=["DW-box (noise fixed per batch, plain PGD)"])
+    threat_model: Optional[str] = Field(None, examples=["linf"])
+    eps: Optional[float] = Field(None, examples=[0.0314])
+    n: Optional[int] = Field(None, examples=[64])
+    robust_accuracy: Optional[float] = Field(None, examples=[0.578])
+    ci95: Optional[list[float]] = Field(None, examples=[[0.456, 0.691]])
+
+
+class RobustnessSummary(BaseModel):
+    gate_passed: Optional[bool] = Field(None, examples=[True])
+    dataset: Optional[str] = Field(None, examples=["fashion_mnist"])
+    n: Optional[int] = Field(None, examples=[64])
+    clean_accuracy: Optional[float] = Field(None, examples=[0.906])
+    clean_ci95: Optional[list[float]] = Field(None, examples=[[0.81, 0.956]])
+    settings: list[RobustAccuracy] = Field(default_factory=list)
+
+
+class Timings(BaseModel):
+    total_ms: float = Field(..., description="gateway time for the whole request", examples=[143.2])
+    triton_ms: float = Field(..., description="time spent in Triton calls", examples=[131.7])
+    decode_ms: float = Field(..., description="image decoding and conversion", examples=[1.4])
+
+
+class Prediction(BaseModel):
+    index: int = Field(..., description="position of the image in the request", examples=[0])
+    label: int = Field(..., examples=[3])
+    class_name: str = Field(..., examples=["Dress"])
+    probabilities: dict[str, float] = Field(..., description="mean class probability over the votes",
+                                            examples=[{"T-shirt/top": 0.02, "Dress": 0.91}])
+    agreement: Optional[float] = Field(None, description="share of the votes for `label` (only when votes > 1)",
+                                       examples=[0.8])
+    seed: int = Field(..., description="seed of this image's purification noise; send it back to reproduce",
+                      examples=[1234])
+    input: InputInfo
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: ModelInfo
+    purification: Purification
+    robustness: Optional[RobustnessSummary] = Field(None, description="the deployed version's robustness card "
+                                                    "(null when the gateway has no model repository to read)")
+    votes: int = Field(..., examples=[1])
+    predictions: list[Prediction]
+    timings: Timings
+
+
+class PurifiedImage(BaseModel):
+    index: int = Field(..., examples=[0])
+    seed: int = Field(..., examples=[1234])
+    width: int = Field(..., examples=[32])
+    height: int = Field(..., examples=[32])
+    mode: str = Field(..., examples=["L"])
+    png_base64: str = Field(..., examples=[TINY_PNG_B64])
+    input: InputInfo
+
+
+class PurifyResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: ModelInfo
+    purification: Purification
+    robustness: Optional[RobustnessSummary] = None
+    images: list[PurifiedImage]
+    timings: Timings
+
+
+class Problem(BaseModel):
+    """application/problem+json (RFC 9457)."""
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "https://dbp.invalid/problems/bad_image", "title": "Unsupported Media Type", "status": 415,
+        "detail": "image upload.txt: not a recognised image file (PNG, JPEG or WebP expected)",
+        "reason": "bad_image", "instance": "/classify"}]})
+    type: str
+    title: str
+    status: int
+    detail: str
+    reason: str = Field(..., description="machine-readable cause (the label of dbp_gateway_rejections_total)")
+    instance: Optional[str] = None
+
+
+class BackendState(BaseModel):
+    url: str = Field(..., examples=["127.0.0.1:8001"])
+    ready: bool
+    reason: str = Field(..., examples=["ok"])
+    version_pair: Optional[int] = Field(None, examples=[2])
+    ensemble_ready: bool = False
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ready", "detail": "1 of 1 Triton backends ready",
+        "backends": [{"url": "127.0.0.1:8001", "ready": True, "reason": "ok", "version_pair": 2,
+                      "ensemble_ready": True}]}]})
+    status: Literal["ready", "not ready"]
+    detail: str
+    backends: list[BackendState]
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Sample(BaseModel):
+    name: str = Field(..., examples=["fashion-0-ankle-boot.png"])
+    url: str = Field(..., examples=["/demo/samples/fashion-0-ankle-boot.png"])

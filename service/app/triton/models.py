@@ -1,0 +1,138 @@
+"""What the gateway knows about a deployed purifier/classifier version pair, read from Triton.
+
+Nothing about the models is hard-coded: tensor dtypes come from the model metadata of the pinned
+versions, the purification settings and max_votes from the purifier's config `parameters`, batch limits
+from `max_batch_size`, and the image shape and class names from the `parameters` of the ensemble's
+config (the pair's public interface: `image_shape` "C,H,W" and `class_names` as a JSON list).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+IMAGES, SEED, VOTES, PURIFIED = "IMAGES", "SEED", "VOTES", "PURIFIED"
+PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
+
+
+class InterfaceError(ValueError):
+    """The deployed models do not describe themselves well enough to be served (message says what is missing)."""
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    version: int  # purifier N and classifier N
+    channels: int
+    height: int
+    width: int
+    class_names: Optional[tuple[str, ...]]  # None: the ensemble config has no class_names; indices are used
+    t_star: Optional[int]
+    sampler: Optional[str]
+    num_inference_steps: Optional[int]
+    max_votes: int
+    max_batch: int
+    dtypes: Mapping[str, str] = field(default_factory=dict)  # tensor name -> Triton datatype ("FP32", ...)
+
+    @property
+    def purification(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "num_inference_steps": self.num_inference_steps, "t_star": self.t_star}
+
+    def names_for(self, n: int) -> list[str]:
+        """Class names for n scores (indices as strings when the model does not name its classes)."""
+        if self.class_names and len(self.class_names) == n:
+            return list(self.class_names)
+        return [str(i) for i in range(n)]
+
+    @property
+    def mode(self) -> str:
+        """The Pillow mode the model's channels correspond to."""
+        return {1: "L", 3: "RGB"}.get(self.channels, "")
+
+
+def _params(config: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in (config.get("parameters") or {}).items():
+        out[k] = v.get("string_value") if isinstance(v, Mapping) else str(v)
+    return out
+
+
+def _int(params: Mapping[str, str], key: str) -> Optional[int]:
+    try:
+        return int(params[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _dims(config: Mapping[str, Any], name: str) -> Optional[tuple[int, ...]]:
+    for t in config.get("input") or []:
+        if t.get("name") == name:
+            return tuple(int(d) for d in t.get("dims") or [])
+    return None
+
+
+def image_shape(ensemble_cfg: Mapping[str, Any], purifier_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
+    raw = _params(ensemble_cfg).get("image_shape")
+    if raw:
+        try:
+            c, h, w = (int(p) for p in raw.replace("x", ",").split(","))
+        except ValueError:
+            raise InterfaceError(f"ensemble parameter image_shape={raw!r} is not 'C,H,W'") from None
+        if min(c, h, w) < 1:
+            raise InterfaceError(f"ensemble parameter image_shape={raw!r} must be positive")
+        return c, h, w
+    dims = _dims(purifier_cfg, IMAGES)  # fixed dims in the purifier config would do as well
+    if dims and len(dims) == 3 and min(dims) > 0:
+        return dims  # type: ignore[return-value]
+    raise InterfaceError("the deployed models do not say which image shape they take: add "
+                         'parameters: { key: "image_shape" value: { string_value: "C,H,W" } } to the ensemble\'s '
+                         "config.pbtxt (or fixed IMAGES dims to the purifier's)")
+
+
+def class_names(ensemble_cfg: Mapping[str, Any]) -> Optional[tuple[str, ...]]:
+    raw = _params(ensemble_cfg).get("class_names")
+    if not raw:
+        return None
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        names = [n.strip() for n in raw.split(",")]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise InterfaceError("ensemble parameter class_names must be a JSON list of non-empty strings")
+    if len(set(names)) != len(names):
+        raise InterfaceError("ensemble parameter class_names has duplicates")
+    return tuple(names)
+
+
+def pair_info(version: int, purifier_cfg: Mapping[str, Any], classifier_cfg: Mapping[str, Any],
+              ensemble_cfg: Mapping[str, Any], purifier_meta: Mapping[str, Any],
+              classifier_meta: Mapping[str, Any]) -> PairInfo:
+    c, h, w = image_shape(ensemble_cfg, purifier_cfg)
+    names = class_names(ensemble_cfg)
+    pp, cp = _params(purifier_cfg), _params(classifier_cfg)
+    votes = [v for v in (_int(pp, "max_votes"), _int(cp, "max_votes")) if v]
+    batches = [int(x) for x in (purifier_cfg.get("max_batch_size"), classifier_cfg.get("max_batch_size")) if x]
+    dtypes = {}
+    for meta in (purifier_meta, classifier_meta):
+        for t in list(meta.get("inputs") or []) + list(meta.get("outputs") or []):
+            dtypes.setdefault(t["name"], t["datatype"])
+    for name in (IMAGES, PURIFIED, PROBS, LABEL):
+        if name not in dtypes:
+            raise InterfaceError(f"tensor {name} is missing from the model metadata")
+    return PairInfo(version=version, channels=c, height=h, width=w, class_names=names, t_star=_int(pp, "t_star"), sampler=pp.get("sampler"),
+                    num_inference_steps=_int(pp, "num_inference_steps"), max_votes=min(votes) if votes else 1,
+                    max_batch=min(batches) if batches else 1, dtypes=dtypes)
+
+
+def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) -> Optional[int]:
+    """Newest N with purifier N and classifier N both READY (never the latest of each independently)."""
+    ready: dict[str, set[int]] = {purifier: set(), classifier: set()}
+    for m in index:
+        name, ver = m.get("name"), str(m.get("version", ""))
+        if name in ready and m.get("state") == "READY" and ver.isdigit():
+            ready[name].add(int(ver))
+    both = ready[purifier] & ready[classifier]
+    return max(both) if both else None
+
+
+def ready_state(index: list[Mapping[str, Any]], name: str) -> bool:
+    return any(m.get("name") == name and m.get("state") == "READY" for m in index)

@@ -1,0 +1,230 @@
+"""Async gRPC access to one or more Triton servers: one reused client per URL, a periodic readiness probe,
+balancing over the ready ones, per-request deadlines and the mapping of Triton failures to HTTP answers.
+
+A backend is *ready* when the server is ready and it serves a version pair (purifier N and classifier N
+both READY) whose interface could be read. Requests go to the ready backend with the fewest requests in
+flight; a backend that refuses a connection is marked unready at once and the request moves on to the
+next one while its deadline allows. The probe brings backends back when they recover, so the gateway
+serves again after a Triton restart without restarting itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from ..core.config import Settings
+from ..core.errors import ApiError
+from ..core.metrics import GatewayMetrics
+from .models import (AGREEMENT, IMAGES, LABEL, PROBS, PURIFIED, SEED, VOTES, InterfaceError, PairInfo, newest_pair,
+                     pair_info, ready_state)
+
+log = logging.getLogger("service.triton")
+MAX_MESSAGE = 2**31 - 1
+
+
+def channel_args() -> list[tuple[str, Any]]:
+    # gRPC's default reconnect backoff grows to 120 s: a restarted Triton would be ignored for minutes.
+    return [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000)]
+
+
+@dataclass
+class Backend:
+    url: str
+    client: Any = None
+    ready: bool = False
+    reason: str = "not probed yet"
+    pair: Optional[PairInfo] = None
+    ensemble_ready: bool = False
+    in_flight: int = 0
+    checked_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Outcome:
+    pair: PairInfo
+    url: str
+    outputs: dict[str, np.ndarray]
+    triton_s: float
+
+
+def _status(e: InferenceServerException) -> str:
+    return str(e.status() or "")
+
+
+class TritonPool:
+    def __init__(self, settings: Settings, metrics: GatewayMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.backends = [Backend(url) for url in settings.TRITON_URLS]
+        self._rr = itertools.count()
+        self._probe_task: Optional[asyncio.Task] = None
+        for b in self.backends:
+            metrics.backend_ready.labels(b.url).set(0)
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for b in self.backends:
+            b.client = grpcclient.InferenceServerClient(b.url, channel_args=channel_args())
+        await self.probe_all()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="triton-probe")
+
+    async def close(self) -> None:
+        if self._probe_task:
+            self._probe_task.cancel()
+            try:
+                await self._probe_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+        for b in self.backends:
+            if b.client is not None:
+                await b.client.close()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.PROBE_INTERVAL_S)
+            try:
+                await self.probe_all()
+            except Exception:  # noqa: BLE001 - the probe must never die
+                log.exception("readiness probe failed")
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(b) for b in self.backends))
+        pairs = {(self.settings.ENSEMBLE_MODEL, str(b.pair.version), str(b.pair.version))
+                 for b in self.backends if b.ready and b.pair}
+        self.metrics.set_pairs(pairs)
+
+    async def probe(self, b: Backend) -> None:
+        async with b.lock:
+            ready, reason, pair, ens = False, "", None, False
+            try:
+                pair, ens = await asyncio.wait_for(self._read_pair(b), self.settings.PROBE_TIMEOUT_S)
+                ready, reason = pair is not None, "ok" if pair is not None else self._no_pair_reason
+            except asyncio.TimeoutError:
+                reason = f"no answer within {self.settings.PROBE_TIMEOUT_S:g} s"
+            except InferenceServerException as e:
+                reason = f"{_status(e) or 'error'}: {e.message()}"
+            except InterfaceError as e:
+                reason = str(e)
+            except Exception as e:  # noqa: BLE001 - any failure means "not ready", with its reason
+                reason = f"{type(e).__name__}: {e}"
+            if ready != b.ready:
+                log.warning("Triton %s is now %s (%s)", b.url, "ready" if ready else "NOT ready", reason)
+            b.ready, b.reason, b.pair, b.ensemble_ready = ready, reason, pair, ens
+            b.checked_at = time.monotonic()
+            self.metrics.backend_ready.labels(b.url).set(1 if ready else 0)
+
+    _no_pair_reason = "no version N with both purifier N and classifier N READY"
+
+    async def _read_pair(self, b: Backend) -> tuple[Optional[PairInfo], bool]:
+        s, c = self.settings, b.client
+        if not await c.is_server_ready():
+            raise InterfaceError("Triton server is not ready")
+        index = (await c.get_model_repository_index(as_json=True)).get("models", [])
+        ens = ready_state(index, s.ENSEMBLE_MODEL)
+        n = newest_pair(index, s.PURIFIER_MODEL, s.CLASSIFIER_MODEL)
+        if n is None:
+            return None, ens
+        v = str(n)
+        pc, cc, ec, pm, cm = await asyncio.gather(
+            c.get_model_config(s.PURIFIER_MODEL, v, as_json=True),
+            c.get_model_config(s.CLASSIFIER_MODEL, v, as_json=True),
+            c.get_model_config(s.ENSEMBLE_MODEL, as_json=True),
+            c.get_model_metadata(s.PURIFIER_MODEL, v, as_json=True),
+            c.get_model_metadata(s.CLASSIFIER_MODEL, v, as_json=True))
+        return pair_info(n, pc["config"], cc["config"], ec["config"], pm, cm), ens
+
+    # ---- state for /readyz ----------------------------------------------------------------------------
+    def ready_backends(self) -> list[Backend]:
+        return [b for b in self.backends if b.ready and b.pair is not None]
+
+    def any_pair(self) -> Optional[PairInfo]:
+        ready = self.ready_backends()
+        return max((b.pair for b in ready), key=lambda p: p.version) if ready else None
+
+    def unavailable(self, detail: str) -> ApiError:
+        return ApiError(503, "triton_unavailable", detail, {"Retry-After": str(self.settings.RETRY_AFTER_S)})
+
+    def _order(self) -> list[Backend]:
+        ready = self.ready_backends()
+        if not ready:
+            reasons = "; ".join(f"{b.url}: {b.reason}" for b in self.backends)
+            raise self.unavailable(f"no Triton backend is ready ({reasons})")
+        start = next(self._rr)
+        rotated = ready[start % len(ready):] + ready[:start % len(ready)]
+        return sorted(rotated, key=lambda b: b.in_flight)  # stable: round robin among equally loaded
+
+    # ---- inference ------------------------------------------------------------------------------------
+    def _input(self, pair: PairInfo, name: str, value: np.ndarray) -> InferInput:
+        dt = pair.dtypes.get(name)
+        if dt is None:
+            raise ApiError(503, "triton_unavailable", f"the deployed model has no input {name}",
+                           {"Retry-After": str(self.settings.RETRY_AFTER_S)})
+        arr = np.ascontiguousarray(value, dtype=triton_to_np_dtype(dt))
+        t = InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        return t
+
+    async def _call(self, b: Backend, model: str, version: int, inputs: list, outputs: Sequence[str],
+                    deadline: float) -> dict[str, np.ndarray]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        res = await b.client.infer(model, inputs, model_version=str(version),
+                                   outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=remaining)
+        return {o: res.as_numpy(o) for o in outputs}
+
+    async def run(self, kind: str, build, deadline: float) -> Outcome:
+        """Run `kind` ("classify" or "purify") on the best ready backend, moving on to the next one if a
+        backend turns out to be gone. `build(pair)` returns (purifier inputs dict, votes) for that pair."""
+        last: Optional[ApiError] = None
+        for b in self._order():
+            pair = b.pair
+            if pair is None or not b.ready:
+                continue
+            b.in_flight += 1
+            t0 = time.monotonic()
+            try:
+                feeds, votes = build(pair)
+                inputs = [self._input(pair, k, v) for k, v in feeds.items()]
+                out = await self._call(b, self.settings.PURIFIER_MODEL, pair.version, inputs, [PURIFIED], deadline)
+                if kind == "classify":
+                    cin = [self._input(pair, IMAGES, out[PURIFIED])]
+                    if votes > 1:
+                        cin.append(self._input(pair, VOTES, np.full((out[PURIFIED].shape[0], 1), votes)))
+                    out.update(await self._call(b, self.settings.CLASSIFIER_MODEL, pair.version, cin,
+                                                [PROBS, LABEL, AGREEMENT], deadline))
+                return Outcome(pair, b.url, out, time.monotonic() - t0)
+            except asyncio.TimeoutError:
+                raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "
+                               f"{self.settings.REQUEST_TIMEOUT_S:g} s") from None
+            except InferenceServerException as e:
+                status, msg = _status(e), e.message() or str(e)
+                if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
+                    raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "
+                                   f"{self.settings.REQUEST_TIMEOUT_S:g} s") from None
+                if "INVALID_ARGUMENT" in status:
+                    raise ApiError(400, "triton_rejected", f"Triton rejected the input: {msg}") from None
+                if "UNAVAILABLE" in status or "NOT_FOUND" in status or "unknown model" in msg:
+                    # gone, or the pinned version was unloaded (rollback): re-probe, try the next backend
+                    b.ready, b.reason = False, f"{status}: {msg}"
+                    self.metrics.backend_ready.labels(b.url).set(0)
+                    asyncio.get_running_loop().create_task(self.probe(b))
+                    last = self.unavailable(f"Triton at {b.url} became unavailable: {msg}")
+                    continue
+                raise ApiError(502, "triton_error", f"Triton failed on the request: {msg}") from None
+            finally:
+                b.in_flight -= 1
+        raise last or self.unavailable("no Triton backend is ready")
