@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (PROMTOOL, ROOT, build_context_files, dockerfile_instructions, http_get, load_yaml_docs,
+from deploy_support import (PROMTOOL, ROOT, build_context_files, dockerfile_instructions, http_get, load_yaml_docs,
                       running_prometheus)
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"

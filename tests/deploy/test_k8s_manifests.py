@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROMTOOL, ROOT, http_get, load_yaml_docs, running_prometheus
+from deploy_support import PROMTOOL, ROOT, http_get, load_yaml_docs, running_prometheus
 
 K8S = ROOT / "deploy" / "k8s"
 KUBECTL = shutil.which("kubectl")
