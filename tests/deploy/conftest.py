@@ -14,4 +14,7 @@ def gateway_app():
 
 @pytest.fixture(scope="session")
 def gateway_paths(gateway_app) -> set[str]:
-    return {getattr(r, "path", None) for r in gateway_app.routes} - {None}
+    """Paths the gateway answers GET on, from its route table as FastAPI publishes it (the OpenAPI document is
+    built from app.routes; FastAPI >= 0.16x keeps included routers unflattened in app.routes itself)."""
+    paths = {p for p, ops in gateway_app.openapi()["paths"].items() if "get" in ops}
+    return paths | {r.path for r in gateway_app.routes if "GET" in (getattr(r, "methods", None) or ())}
