@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,87 @@ def test_gateway_image_is_slim_non_root_and_torch_free(services, gateway_paths):
     hc = next(a for i, a in instructions if i == "HEALTHCHECK")
     path = re.search(r"/(livez|readyz)\b", hc).group(0)
     assert path in gateway_paths
+
+
+IMPORT_PROBE = """
+import json, sys
+from service.app.core.config import Settings
+from service.app.main import create_app
+import service.__main__
+create_app(Settings())
+print(json.dumps({"file": sys.modules["service"].__file__, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def requirement_closure(requirements: Path) -> set[str]:
+    """Normalised names of the distributions a requirements file installs, dependencies included (from the
+    installed metadata, extras and markers evaluated)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = [Requirement(line.split("#")[0].strip()) for line in requirements.read_text().splitlines()
+            if line.split("#")[0].strip()]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        for dep in md.requires(req.name) or []:
+            d = Requirement(dep)
+            if d.marker is None or any(d.marker.evaluate({"extra": e}) for e in (req.extras or {""})):
+                todo.append(d)
+    return seen
+
+
+def test_gateway_runs_from_the_image_files_alone(services, tmp_path):
+    """Replay the gateway Dockerfile's COPY lines (after .dockerignore) into an empty directory and start the
+    app from there: it needs nothing else of the repository, imports no torch/dbp, and every third-party
+    module it imports comes from a distribution that service/requirements.txt installs."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    build = services["gateway"]["build"]
+    ctx = Path(build["context"])
+    instructions = dockerfile_instructions(ctx / build["dockerfile"])
+    sent = build_context_files(ctx)
+    workdir = next(a for i, a in instructions if i == "WORKDIR")
+    image = tmp_path / "image"
+    for i, args in instructions:
+        if i != "COPY":
+            continue
+        *srcs, dst = [p for p in args.split() if not p.startswith("--")]
+        dst_path = image / workdir.lstrip("/") / dst
+        for src in srcs:
+            src = src.rstrip("/")
+            for f in sorted(sent):
+                if f == src or f.startswith(src + "/"):
+                    if (ctx / f).is_file():
+                        target = dst_path / os.path.relpath(f, src) if f != src or dst.endswith("/") else dst_path
+                        if f == src and dst.endswith("/"):
+                            target = dst_path / Path(f).name
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(ctx / f, target)
+    app_dir = image / workdir.lstrip("/")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBP_GATEWAY_") and k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=app_dir, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe["file"].startswith(str(app_dir)), "the probe imported the repository's service/, not the copy"
+    modules = set(probe["modules"])
+    assert not modules & {"torch", "dbp", "diffusers", "training"}, modules & {"torch", "dbp", "diffusers"}
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and not m.startswith("_")
+                   and m != "service"}
+    installed = requirement_closure(app_dir / "service" / "requirements.txt")
+    dists = packages_distributions()
+    missing = {m: dists.get(m) for m in third_party
+               if m in dists and not {canonicalize_name(d) for d in dists[m]} & installed}
+    assert not missing, f"imported but not installed by service/requirements.txt: {missing}"
 
 
 def test_triton_image_serves_the_mounted_repository(services):
