@@ -139,7 +139,7 @@ def test_gateway_balances_over_two_tritons_and_survives_losing_one(two_repos, tm
                 wait_for(lambda: backend_ready(gw).get(b.grpc_url) == 1.0, 60, "B ready again in the gateway")
                 assert served(b) == 0
                 assert classify_many(c, 8, seed0=2000) == [200] * 8
-                assert served(b) >= 2, "the restarted backend gets requests again"
+                assert served(b) >= 1, "the restarted backend gets requests again"
                 print(f"\nbalancing: {time.monotonic() - t_start:.1f} s; {len(codes)} requests while B was killed, "
                       f"{len(errors)} answered 5xx")
         finally:
