@@ -334,6 +334,10 @@ def test_prometheus_config_rules_and_targets(services, tmp_path):
     targets = {j["job_name"]: [t for sc in j["static_configs"] for t in sc["targets"]] for j in cfg["scrape_configs"]}
     assert targets["dbp-gateway"] == [f"gateway:{gw_port}"]
     assert targets["triton"] == ["triton:8002"]
+    # and the same ports as the local stack's config (`make up`: gateway and Triton on loopback)
+    ref_ports = {j["job_name"]: [t.rsplit(":", 1)[1] for sc in j["static_configs"] for t in sc["targets"]]
+                 for j in reference["scrape_configs"]}
+    assert ref_ports == {job: [t.rsplit(":", 1)[1] for t in ts] for job, ts in targets.items()}
     # the rule files the config names are the ones mounted, i.e. all of monitoring/rules/*.rules.yml
     rule_globs = [container_path_to_host(prom, g) for g in cfg["rule_files"]]
     matched = sorted(p for g in rule_globs for p in g.parent.glob(g.name))
