@@ -51,3 +51,9 @@ def check_api_key(settings: SettingsDep, key: Annotated[Optional[str], Depends(a
 
 
 ApiKeyDep = Annotated[None, Depends(check_api_key)]
+
+
+def auth_dependencies(settings: Settings) -> list:
+    """The key check for a route, only when a key is configured: the OpenAPI schema then declares the
+    X-API-Key scheme, and an open gateway does not claim to need one."""
+    return [Depends(check_api_key)] if settings.API_KEY is not None else []

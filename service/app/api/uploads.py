@@ -8,6 +8,7 @@ import anyio
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..core.config import Settings
@@ -42,8 +43,8 @@ async def read_files(request: Request, settings: Settings) -> list[tuple[str, by
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=limit, max_fields=limit + 16)
-        except MultiPartException as e:
-            msg = str(getattr(e, "message", e))
+        except (MultiPartException, StarletteHTTPException) as e:  # starlette wraps the first in the second
+            msg = str(getattr(e, "message", None) or getattr(e, "detail", None) or e)
             if "Too many files" in msg:
                 raise _too_many("more than " + str(limit), limit) from None
             raise ApiError(422, "bad_multipart", f"malformed multipart body: {msg}") from None

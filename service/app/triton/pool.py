@@ -130,8 +130,8 @@ class TritonPool:
 
     async def _read_pair(self, b: Backend) -> tuple[Optional[PairInfo], bool]:
         s, c = self.settings, b.client
-        if not await c.is_server_ready():
-            raise InterfaceError("Triton server is not ready")
+        if not await c.is_server_live():  # not is_server_ready: strict readiness is false while a new version loads
+            raise InterfaceError("Triton server is not live")
         index = (await c.get_model_repository_index(as_json=True)).get("models", [])
         ens = ready_state(index, s.ENSEMBLE_MODEL)
         n = newest_pair(index, s.PURIFIER_MODEL, s.CLASSIFIER_MODEL)

@@ -11,7 +11,7 @@ from ...schemas import SEED_MAX, ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
 from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
                       version_headers)
-from ..deps import ApiKeyDep, CardsDep, MetricsDep, PoolDep, SettingsDep
+from ..deps import CardsDep, MetricsDep, PoolDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
 
@@ -19,10 +19,11 @@ def router(settings: Settings) -> APIRouter:
     r = APIRouter(tags=["inference"])
 
     @r.post("/classify", response_model=ClassifyResponse, openapi_extra=request_body_openapi(settings),
+            dependencies=auth_dependencies(settings),
             responses=problem_responses(400, 401, 413, 415, 422, 429, 502, 503, 504),
             summary="Purify and classify one or several images")
     async def classify(
-        request: Request, _auth: ApiKeyDep, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
+        request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
         seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
                                              "the gateway draws one and reports it")] = None,
         votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "

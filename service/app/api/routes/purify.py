@@ -15,7 +15,7 @@ from ...schemas import SEED_MAX, PurifyResponse
 from ...triton.models import PURIFIED
 from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
                       version_headers)
-from ..deps import ApiKeyDep, CardsDep, MetricsDep, PoolDep, SettingsDep
+from ..deps import CardsDep, MetricsDep, PoolDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
 
@@ -34,9 +34,10 @@ def router(settings: Settings) -> APIRouter:
                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
     @r.post("/purify", response_model=PurifyResponse, openapi_extra=request_body_openapi(settings),
+            dependencies=auth_dependencies(settings),
             responses=responses, summary="Purify one or several images")
     async def purify(
-        request: Request, _auth: ApiKeyDep, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
+        request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
         seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
                                              "the gateway draws one and reports it")] = None,
         format: Annotated[Optional[Literal["png", "json"]], Query(description="png (one image only) or json; "
