@@ -159,9 +159,12 @@ def build() -> dm.Dashboard:
                          q(rate("nv_inference_request_failure", "model"), "{{model}} failed", "B")], w=8))
     d = d.with_panel(ts(16, "Triton pending requests per model", "Requests queued in Triton, not yet executing.",
                         "short", [q("sum by (model) (nv_inference_pending_request_count)", "{{model}}", "A")], w=8))
-    d = d.with_panel(ts(17, "Gateway memory (RSS)", "Resident memory of each gateway process (soak drills watch "
-                        "it grow).", "bytes",
-                        [q('process_resident_memory_bytes{job="dbp-gateway"}', "{{instance}}", "A")], w=24, h=6))
+    d = d.with_panel(ts(17, "Host CPU and memory (Triton's view)", "Whole-machine CPU utilisation and memory in "
+                        "use, as Triton reports them (nv_cpu_*, system-wide): on a small CPU host, saturation here "
+                        "explains queue time and latency.", "percentunit",
+                        [q('max by (instance) (nv_cpu_utilization)', "CPU {{instance}}", "A"),
+                         q('max by (instance) (nv_cpu_memory_used_bytes / nv_cpu_memory_total_bytes)',
+                           "memory {{instance}}", "B")], w=24, h=6))
     return d.build()
 
 

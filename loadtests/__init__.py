@@ -1,0 +1,1 @@
+"""Load tests (locust) and operational drills for the serving stack; see monitoring/README.md."""
