@@ -7,15 +7,13 @@ reference EDM code leaks it into the UNet update; §11.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import Diffusion
-
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .diffusion import Diffusion, EpsModel
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -167,13 +167,8 @@ class PGD:
             return ce.detach().view(-1, k).mean(1), g
         g, ce_sum = torch.zeros_like(x_in), torch.zeros(len(x_in), device=x_in.device)
         for j in range(k):
-            ce = F.cross_entropy(self.model(x_in, noise=_draw(eot_noise, j, k)), y, reduction="none")
+            # draw j of the repeat_interleave(k) layout: rows j, j+k, j+2k, ...
+            ce = F.cross_entropy(self.model(x_in, noise=eot_noise[j::k]), y, reduction="none")
             g += torch.autograd.grad(ce.sum(), x_in)[0]
             ce_sum += ce.detach()
         return ce_sum / k, g
-
-
-def _draw(noise: PurifyNoise, j: int, k: int) -> PurifyNoise:
-    """Draw j of a repeat_interleave(k)-laid-out noise batch: rows j, j+k, j+2k, ..."""
-    rev = None if noise.reverse is None else noise.reverse[:, j::k]
-    return PurifyNoise(noise.forward[j::k], rev)

@@ -63,6 +63,11 @@ def card_passes(card: Mapping[str, Any] | str | Path, purifier_dir: str | Path,
 
     Never raises for a bad card or missing weights: the caller (export) needs a reason to print.
     """
+    return card_passes_for(card, {"purifier": purifier_dir, "classifier": classifier_dir})
+
+
+def card_passes_for(card: Mapping[str, Any] | str | Path, weights: Mapping[str, str | Path]) -> tuple[bool, str]:
+    """card_passes for some of the roles: {role: weights dir}. A served version dir holds one role only."""
     if not isinstance(card, Mapping):
         try:
             card = load_card(card)
@@ -71,7 +76,7 @@ def card_passes(card: Mapping[str, Any] | str | Path, purifier_dir: str | Path,
     problem = _schema_problem(card)
     if problem:
         return False, f"invalid robustness card: {problem}"
-    for role, d in (("purifier", purifier_dir), ("classifier", classifier_dir)):
+    for role, d in weights.items():
         try:
             actual = weights_sha256(d)
         except (CheckpointError, OSError) as e:

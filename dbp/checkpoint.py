@@ -19,6 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+# meta.json "kind" of each checkpoint; a purifier may be a base diffusion model or its ADDT fine-tune
+PURIFIER_KINDS = ("diffusion", "addt")
+CLASSIFIER_KINDS = ("classifier",)
+
+
 class CheckpointError(RuntimeError):
     pass
 

@@ -6,13 +6,13 @@ returns images in [0, 1]. Schedules are buffers so they follow `.to(device)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps_model(x_t in [-1, 1], t) -> eps
 
 
 def to_model_range(x01: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,26 @@ class PurifyNoise:
     forward: torch.Tensor
     reverse: Optional[torch.Tensor] = None
 
+    def __len__(self) -> int:
+        return self.forward.shape[0]
+
+    def __getitem__(self, rows) -> "PurifyNoise":
+        """The noise of a subset of the batch (a slice, an index tensor or list): e.g. noise[:n], noise[j::k]."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        rev = None if self.reverse is None else self.reverse[:, rows]
+        return PurifyNoise(self.forward[rows], rev)
+
+    @staticmethod
+    def cat(noises: "Sequence[PurifyNoise]") -> "PurifyNoise":
+        """Concatenate along the batch: the noise of the concatenated images."""
+        if not noises:
+            raise ValueError("PurifyNoise.cat needs at least one noise")
+        if len({n.reverse is None for n in noises}) != 1:
+            raise ValueError("PurifyNoise.cat: cannot mix noises with and without reverse noise")
+        rev = None if noises[0].reverse is None else torch.cat([n.reverse for n in noises], dim=1)
+        return PurifyNoise(torch.cat([n.forward for n in noises]), rev)
+
     def repeat_interleave(self, k: int) -> "PurifyNoise":
         rev = None if self.reverse is None else self.reverse.repeat_interleave(k, dim=1)
         return PurifyNoise(self.forward.repeat_interleave(k, dim=0), rev)
@@ -45,7 +65,7 @@ class Diffusion(nn.Module):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         super().__init__()
         self.num_train_timesteps = num_train_timesteps
-        # float64 cumprod then float32, as diffusers builds its schedule in float32 from linspace
+        # float32 linspace and cumprod, exactly as diffusers' DDPMScheduler builds it, so the two agree bit for bit
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.register_buffer("betas", betas, persistent=False)
@@ -67,7 +87,7 @@ class Diffusion(nn.Module):
         a = self._bcast(self.abar(t), x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Tweedie one-step estimate (x_t - sqrt(1-abar) eps) / sqrt(abar), unclipped."""
         a = self._bcast(self.abar(t), x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
@@ -89,7 +109,7 @@ class Diffusion(nn.Module):
         """Ancestral step t -> t_prev with clipped x0 and `fixed_large` variance; no noise when t == 0."""
         a_t, a_prev = self.abar(t), self.abar(t_prev)
         beta_t = 1 - a_t / a_prev
-        x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
         mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
         if t > 0:
             if z is None:
@@ -100,7 +120,7 @@ class Diffusion(nn.Module):
     def ddim_step(self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor) -> torch.Tensor:
         """Deterministic DDIM (eta=0) step; the direction term uses the raw eps (diffusers default)."""
         a_t, a_prev = self.abar(t), self.abar(t_prev)
-        x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     # ---- purification -------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,16 @@ def setup(device: str = "auto") -> Dist:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: str = "auto") -> Iterator[Dist]:
+    """setup() ... teardown() even when the body raises: a torchrun peer must not hang in a collective."""
+    d = setup(device)
+    try:
+        yield d
+    finally:
+        teardown()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,6 @@
 """Batched, no-grad accuracy of a classifier and of the purify -> classify pipeline."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,10 +30,3 @@ def purify_batched(purifier: Purifier, x01: torch.Tensor, batch_size: int = 64, 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
-
-
-def purified_accuracy(purifier: Purifier, classifier: nn.Module, x01: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = False,
-                      purified: Optional[torch.Tensor] = None) -> float:
-    purified = purified if purified is not None else purify_batched(purifier, x01, batch_size, seed, device, progress)
-    return accuracy(predict(classifier, purified, batch_size, device), labels)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .diffusion import Diffusion, PurifyNoise
-from .nets import Classifier, EpsNet, build_classifier, build_unet
+from .nets import Classifier, EpsNet, build_classifier, build_unet_from_meta
 
 
 class Purifier(nn.Module):
@@ -54,22 +54,22 @@ class Defense(nn.Module):
 
 
 def load_unet(path: str | Path, which: str = "ema", device="cpu") -> EpsNet:
+    return EpsNet(load_raw_unet(path, which)).to(device).eval()
+
+
+def load_raw_unet(path: str | Path, which: str = "ema"):
+    """The diffusers UNet of a diffusion/ADDT checkpoint (train mode, CPU): what fine-tuning starts from."""
     meta = ckpt.load_meta(path)
-    if meta.get("kind") not in ("diffusion", "addt"):
+    if meta.get("kind") not in ckpt.PURIFIER_KINDS:
         raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a diffusion model")
-    arch = meta["arch"]
-    if "unet_config" in arch:  # fine-tuned from a diffusers folder: the full config travels with the weights
-        from diffusers import UNet2DModel
-        unet = UNet2DModel.from_config(arch["unet_config"])
-    else:
-        unet = build_unet(arch["unet"], **arch.get("unet_overrides", {}))
+    unet = build_unet_from_meta(meta["arch"])
     unet.load_state_dict(ckpt.load_weights(path, which))
-    return EpsNet(unet).to(device).eval()
+    return unet
 
 
 def load_classifier(path: str | Path, device="cpu") -> Classifier:
     meta = ckpt.load_meta(path)
-    if meta.get("kind") != "classifier":
+    if meta.get("kind") not in ckpt.CLASSIFIER_KINDS:
         raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a classifier")
     a = meta["arch"]
     model = build_classifier(a["classifier"], a["dataset"], a.get("num_classes", 10))

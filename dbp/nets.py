@@ -35,6 +35,15 @@ def build_unet(name: str = "small", **overrides: Any) -> UNet2DModel:
     return UNet2DModel(**{**UNET_CONFIGS[name], **overrides})
 
 
+def build_unet_from_meta(arch: dict[str, Any]) -> UNet2DModel:
+    """The (untrained) UNet a checkpoint's meta["arch"] describes: a named config, or the full diffusers
+    config when it was fine-tuned from a diffusers folder."""
+    if "unet_config" in arch:
+        from diffusers import UNet2DModel
+        return UNet2DModel.from_config(arch["unet_config"])
+    return build_unet(arch["unet"], **arch.get("unet_overrides", {}))
+
+
 def load_diffusers_unet(folder: str | Path) -> UNet2DModel:
     """A pretrained UNet from a local diffusers folder (pipeline root or its `unet/`), never the network."""
     folder = Path(folder)

@@ -47,20 +47,3 @@ def line_plot(series: dict[str, Sequence[float]], path: str | Path, xlabel: str,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
-
-
-def bar_plot(values: dict[str, float], errors: dict[str, float] | None, path: str | Path, ylabel: str,
-             title: str = "") -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(values)), 4))
-    names = list(values)
-    ax.bar(names, [values[k] for k in names], yerr=[(errors or {}).get(k, 0) for k in names], capsize=4,
-           color="#4a7bb7")
-    for i, k in enumerate(names):
-        ax.text(i, values[k] + 0.01, f"{values[k]:.1%}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 1.05), ax.set_ylabel(ylabel), ax.set_title(title)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -299,7 +299,7 @@ def test_batched_equals_per_sample(diff, small_unet, sampler, n):
     with torch.no_grad():
         batched = diff.purify(small_unet, x, noise=noise, **kw)
         for i in range(3):
-            sl = PurifyNoise(noise.forward[i:i + 1], None if noise.reverse is None else noise.reverse[:, i:i + 1])
+            sl = noise[i:i + 1]
             torch.testing.assert_close(diff.purify(small_unet, x[i:i + 1], noise=sl, **kw), batched[i:i + 1],
                                        atol=1e-5, rtol=0)
         # repeat_interleave: k copies of every sample with its own noise reproduce the batch k times over
@@ -324,3 +324,23 @@ def test_bad_noise_shapes(diff):
     with pytest.raises(ValueError, match="forward noise shape"):
         diff.purify(model, x, sampler="ddim", noise=PurifyNoise(torch.randn(2, 1, 28, 28)))
     assert model.calls == []  # rejected before any UNet call
+
+
+def test_purify_noise_owns_its_layout(diff):
+    """Indexing and concatenation slice the batch of both parts ([B, ...] forward, [S, B, ...] reverse)."""
+    n = diff.sample_noise((6, 1, 4, 4), "ddpm", 100, 50, torch.Generator().manual_seed(0))
+    head, tail = n[:2], n[2:]
+    assert len(n) == 6 and len(head) == 2 and head.reverse.shape == (n.reverse.shape[0], 2, 1, 4, 4)
+    assert torch.equal(head.reverse, n.reverse[:, :2]) and torch.equal(tail.forward, n.forward[2:])
+    back = PurifyNoise.cat([head, tail])
+    assert torch.equal(back.forward, n.forward) and torch.equal(back.reverse, n.reverse)
+    # draw j of a repeat_interleave(k) layout (what batched EoT lays out) is every k-th row from j
+    rep = n[:3].repeat_interleave(2)
+    assert torch.equal(rep[1::2].forward, n.forward[:3]) and torch.equal(rep[1::2].reverse, n.reverse[:, :3])
+    assert torch.equal(n[3].forward, n.forward[3:4]) and torch.equal(n[-1].reverse, n.reverse[:, -1:])
+    ddim = PurifyNoise(torch.randn(2, 1, 4, 4))
+    assert ddim[:1].reverse is None and PurifyNoise.cat([ddim, ddim]).forward.shape[0] == 4
+    with pytest.raises(ValueError, match="mix"):
+        PurifyNoise.cat([ddim, n[:2]])
+    with pytest.raises(ValueError, match="at least one"):
+        PurifyNoise.cat([])

@@ -1,0 +1,271 @@
+"""The Triton model repository (model_repository/): the one module that knows its layout and rules.
+
+  model_repository/
+    purifier/config.pbtxt, purifier/model.py     the model's config and the shell copied into each version
+    purifier/<N>/weights/                        a dbp checkpoint dir holding only the serving weights
+    purifier/<N>/robustness_card.json            the gate's card for exactly these weights
+    purifier/<N>/export.json                     provenance (sources, git commit, time)
+    purifier/<N>/model.py (+ __pycache__)        a copy of the shell
+    classifier/...                               the same; purifier/N and classifier/N were gated together
+
+Used by export (publish), the Triton services (check_version), the gate, the training CLIs (their default
+models: the newest deployed version) and the benchmarks. Torch-free: a gateway may import it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+WEIGHTS_DIR = "weights"
+CARD_FILE = "robustness_card.json"
+EXPORT_FILE = "export.json"
+MODEL_FILE = "model.py"
+CONFIG_FILE = "config.pbtxt"
+TMP_PREFIX = ".export-"  # versions are built under this hidden name, then renamed into place
+ROLES = ("purifier", "classifier")
+DEFAULT_REPO = "model_repository"
+
+
+class RepositoryError(ValueError):
+    """The repository or one of its versions is not as it must be; the message names the problem."""
+
+
+# ---- paths and version numbers --------------------------------------------------------------------
+
+def default_repository() -> Path:
+    """./model_repository when run from a checkout's root, else the one beside the installed dbp package."""
+    here = Path(DEFAULT_REPO)
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / DEFAULT_REPO
+
+
+def model_dir(repo: str | Path, role: str) -> Path:
+    return Path(repo) / role
+
+
+def version_dir(repo: str | Path, role: str, version: int) -> Path:
+    return model_dir(repo, role) / str(int(version))
+
+
+def weights_dir(repo: str | Path, role: str, version: int) -> Path:
+    return version_dir(repo, role, version) / WEIGHTS_DIR
+
+
+def versions(model_dir: str | Path) -> list[int]:
+    """The numbered version dirs of one model, ascending (hidden temp dirs of an export do not count)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def newest_version(model_dir: str | Path) -> Optional[int]:
+    vs = versions(model_dir)
+    return vs[-1] if vs else None
+
+
+def check_layout(repo: str | Path) -> None:
+    for role in ROLES:
+        if not (model_dir(repo, role) / CONFIG_FILE).exists():
+            raise RepositoryError(f"{repo} is not the model repository: no {role}/{CONFIG_FILE}")
+
+
+def deployed_weights(role: str, repo: str | Path | None = None) -> Path:
+    """The weights dir of the newest version of `role`: what Triton serves, and what training starts from."""
+    repo = Path(repo) if repo is not None else default_repository()
+    v = newest_version(model_dir(repo, role))
+    if v is None:
+        raise RepositoryError(f"no deployed {role} in {repo}: no numbered version under {model_dir(repo, role)}")
+    return weights_dir(repo, role, v)
+
+
+def num_versions_kept(model_dir: str | Path) -> int:
+    """`latest { num_versions: N }` of the model's config.pbtxt: the server and the pruning agree on N."""
+    cfg = Path(model_dir) / CONFIG_FILE
+    m = re.search(r"latest\s*\{\s*num_versions\s*:\s*(\d+)", cfg.read_text())
+    if not m:
+        raise RepositoryError(f"{cfg} has no version_policy {{ latest {{ num_versions: N }} }}")
+    return int(m.group(1))
+
+
+def prune(model_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` versions; returns the removed dirs."""
+    removed = []
+    for v in versions(model_dir)[:-keep]:
+        shutil.rmtree(Path(model_dir) / str(v))
+        removed.append(Path(model_dir) / str(v))
+    return removed
+
+
+def read_parameters(config: str | Path) -> dict[str, Any]:
+    """A config.pbtxt's `parameters` as Triton hands them to model.py (model_config["parameters"])."""
+    pairs = re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', Path(config).read_text())
+    return {"parameters": {k: {"string_value": v} for k, v in pairs}}
+
+
+def set_parameter(config: str | Path, key: str, value: Any) -> None:
+    """Set one existing `parameters` entry of a config.pbtxt (benchmarks and tests tune copies this way)."""
+    config = Path(config)
+    text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', config.read_text())
+    if n != 1:
+        raise RepositoryError(f"parameter {key!r} not found in {config}")
+    config.write_text(text)
+
+
+# ---- what the server accepts --------------------------------------------------------------------
+
+def check_version(version: str | Path, role: str) -> dict[str, Any]:
+    """The card of a version dir, if it passed the gate and was computed on exactly its weights.
+
+    The server refuses anything else, so a directory copied in by hand cannot bypass export's check.
+    """
+    from .card import CardError, card_passes_for, load_card
+
+    version = Path(version)
+    try:
+        card = load_card(version / CARD_FILE)
+    except CardError as e:
+        raise RepositoryError(f"{version}: {e}; publish versions with `python -m training.export`") from None
+    ok, reason = card_passes_for(card, {role: version / WEIGHTS_DIR})
+    if not ok:
+        raise RepositoryError(f"{version}: refusing to serve: {reason}")
+    return card
+
+
+def serving_weights(ckpt_dir: str | Path) -> Path:
+    """The file dbp.checkpoint.weights_sha256 hashes and load_weights("ema") reads: EMA, else raw weights."""
+    for name in ("ema.safetensors", "model.safetensors"):
+        if (Path(ckpt_dir) / name).exists():
+            return Path(ckpt_dir) / name
+    raise RepositoryError(f"{ckpt_dir} has neither ema.safetensors nor model.safetensors")
+
+
+def ensure_bytecode(model_py: str | Path) -> bool:
+    """Write a valid __pycache__/*.pyc beside a version's model.py unless one exists; True if written.
+
+    The python backend stub imports model.py without honouring PYTHONDONTWRITEBYTECODE, and the .pyc it
+    writes changes the version dir; a polling tritonserver takes that for a new version and reloads the
+    model (a second torch start-up) on its first poll. With a valid .pyc present the stub writes nothing.
+    Must run with the Python the stub embeds (the venv's), as the .pyc name and magic are per version.
+    """
+    import importlib.util
+    import py_compile
+    import struct
+
+    src = Path(model_py)
+    pyc = Path(importlib.util.cache_from_source(str(src)))
+    st = src.stat()
+    try:
+        head = pyc.read_bytes()[:16]
+        magic, flags, mtime, size = head[:4], *struct.unpack("<3I", head[4:16])
+        if (magic == importlib.util.MAGIC_NUMBER and flags == 0 and mtime == int(st.st_mtime) & 0xFFFFFFFF
+                and size == st.st_size & 0xFFFFFFFF):
+            return False
+    except (OSError, struct.error, ValueError):
+        pass
+    py_compile.compile(str(src), cfile=str(pyc), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    return True
+
+
+# ---- publishing -----------------------------------------------------------------------------------
+
+@contextmanager
+def repo_lock(repo: str | Path):
+    fd = os.open(repo, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # two exports at once would pick the same version number
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _fsync_dir(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), reverse=True) + [root]:
+        _fsync_dir(p)
+
+
+def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, provenance: Mapping) -> None:
+    """One version dir under a temporary name: the shell, the serving weights, the card, the provenance."""
+    from . import checkpoint as ckpt
+
+    template = model_dir / MODEL_FILE
+    if not template.exists():
+        raise RepositoryError(f"no {MODEL_FILE} template at {template}")
+    (tmp / WEIGHTS_DIR).mkdir(parents=True)
+    shutil.copy2(template, tmp / MODEL_FILE)
+    ensure_bytecode(tmp / MODEL_FILE)  # else the stub's own .pyc looks like a new version to a polling server
+    meta = ckpt.load_meta(ckpt_dir)
+    meta.pop("optimizer", None)  # optimizer state has no business in a serving artifact
+    (tmp / WEIGHTS_DIR / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    src = serving_weights(ckpt_dir)
+    shutil.copy2(src, tmp / WEIGHTS_DIR / src.name)
+    shutil.copy2(card_path, tmp / CARD_FILE)
+    (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2))
+    if ckpt.weights_sha256(tmp / WEIGHTS_DIR) != ckpt.weights_sha256(ckpt_dir):
+        raise RepositoryError(f"copy of {src} does not hash like the original")
+    _fsync_tree(tmp)
+
+
+def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
+            provenance: Mapping[str, Any] | None = None, log=print) -> int:
+    """Add sources[role] (checkpoint dirs, already checked) as version N of each role; returns N.
+
+    One number for the pair, so purifier/N and classifier/N were exported (and gated) together. Each
+    version dir is built under a hidden temporary name and renamed into place, so a polling Triton never
+    sees half a version; versions beyond the config's `latest { num_versions }` are pruned.
+    """
+    import time
+
+    from . import checkpoint as ckpt
+    from .runtime import git_commit
+
+    repo = Path(repo)
+    check_layout(repo)
+    dirs = {role: model_dir(repo, role) for role in sources}
+    with repo_lock(repo):
+        for d in dirs.values():  # leftovers of a killed export; safe under the lock
+            for t in d.glob(TMP_PREFIX + "*"):
+                shutil.rmtree(t, ignore_errors=True)
+        version = max([0] + [v for role in ROLES for v in versions(model_dir(repo, role))]) + 1
+        prov = {"version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+                "card": str(Path(card_path).resolve()),
+                "sources": {r: {"dir": str(Path(p).resolve()), "sha256": ckpt.weights_sha256(p)}
+                            for r, p in sources.items()},
+                **(provenance or {})}
+        tmps = {r: d / f"{TMP_PREFIX}{version}-{secrets.token_hex(4)}" for r, d in dirs.items()}
+        try:
+            for role, tmp in tmps.items():
+                build_version(tmp, dirs[role], Path(sources[role]), Path(card_path), prov)
+            # classifier first: a server that polls in between pairs the old purifier with the new
+            # classifier for a moment rather than a new purifier with an old classifier
+            for role in sorted(tmps, key=lambda r: r != "classifier"):
+                os.rename(tmps[role], dirs[role] / str(version))
+                _fsync_dir(dirs[role])
+        finally:
+            for tmp in tmps.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+        for d in dirs.values():
+            keep = num_versions_kept(d)
+            for p in prune(d, keep):
+                log(f"removed {p} (version_policy keeps {keep})")
+    for d in dirs.values():
+        log(f"exported {d / str(version)}")
+    return version
