@@ -56,6 +56,7 @@ bench: venv data
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 # Triton on loopback, HTTP :8000 gRPC :8001 metrics :8002 (override: make up TRITON_ARGS="--http-port 9000 ...").
-# Foreground until Ctrl-C; new version dirs written by training/export.py are picked up by polling.
+# Foreground until Ctrl-C; new version dirs written by `python -m training.export` are picked up by polling.
+# dbp-triton is the console script of dbp.serving.launcher (pyproject [project.scripts]).
 up: venv
-	$(VPY) -m dbp.triton_server --repo model_repository $(TRITON_ARGS)
+	$(VENV)/bin/dbp-triton --repo model_repository $(TRITON_ARGS)

@@ -1,7 +1,7 @@
 """Cost of one ADDT step vs one clean fine-tuning step on the same batch (goal: <= 6.5x).
 
 The inherent cost is ~6x: 5 CGPO forward+backward passes (UNet + classifier) and 1 training pass.
-  python benchmarks/bench_addt.py [--batch 32] [--repeats 5] [--unet small] [--threads 2]
+  python -m benchmarks.bench_addt [--batch 32] [--repeats 5] [--unet small] [--threads 2]
 Random-init weights are enough: the cost does not depend on what the weights are.
 """
 from __future__ import annotations
@@ -9,17 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp.addt import ADDTConfig, addt_loss  # noqa: E402
-from dbp.diffusion import Diffusion  # noqa: E402
-from dbp.models import freeze  # noqa: E402
-from dbp.nets import EpsNet, build_classifier, build_unet, set_dropout  # noqa: E402
+from dbp.addt import ADDTConfig, addt_loss
+from dbp.diffusion import Diffusion
+from dbp.models import freeze
+from dbp.nets import EpsNet, build_classifier, build_unet, set_dropout
 
 
 def main() -> dict:

@@ -4,8 +4,8 @@ Same images, same PGD steps, same noise draws in both modes; each mode runs in i
 peak RSS is clean. Prints seconds per attacked image, the speed ratio (goal >= 2x), peak memory and both
 robust accuracies (they must agree within noise; with shared noise they agree up to float rounding).
 
-  python benchmarks/bench_eot.py                          # small UNet + small_cnn, random init, DDIM x6
-  python benchmarks/bench_eot.py --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
+  python -m benchmarks.bench_eot                          # small UNet + small_cnn, random init, DDIM x6
+  python -m benchmarks.bench_eot --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
       --batch_sizes 1,4 --steps 5 --repeats 2
 Random-init weights time the same; trained ones make the accuracy check meaningful.
 """
@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp.attacks import PGD, AttackConfig  # noqa: E402
-from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet  # noqa: E402
-from dbp.nets import EpsNet, build_classifier, build_unet  # noqa: E402
-from dbp.robustness import expected_correct, single_shot, wilson  # noqa: E402
+from dbp.attacks import PGD, AttackConfig
+from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet
+from dbp.nets import EpsNet, build_classifier, build_unet
+from dbp.robustness import expected_correct, single_shot, wilson
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Purifier FLOP efficiency: achieved FLOP/s of purification vs the machine's fp32 matmul FLOP/s, in one run.
 
-  .venv/bin/python benchmarks/bench_flops.py                    # default "small" UNet, batch 1 and 64
-  .venv/bin/python benchmarks/bench_flops.py --threads 1 --batch 1,16,64 --rounds 3 --json out.json
+  .venv/bin/python -m benchmarks.bench_flops                    # default "small" UNet, batch 1 and 64
+  .venv/bin/python -m benchmarks.bench_flops --threads 1 --batch 1,16,64 --rounds 3 --json out.json
 
 UNet FLOPs are counted from its operations (torch.utils.flop_counter.FlopCounterMode on one call: convolutions,
 matmuls, attention; element-wise ops such as GroupNorm and SiLU are not counted, as is usual). The purifier's achieved
@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp.models import Purifier, load_unet  # noqa: E402
-from dbp.nets import EpsNet, build_unet  # noqa: E402
+from dbp.models import Purifier, load_unet
+from dbp.nets import EpsNet, build_unet
 
 
 def matmul_flops(sizes: list[int], reps: int) -> float:

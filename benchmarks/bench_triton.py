@@ -1,7 +1,7 @@
 """Throughput of purify_classify through the real Triton server vs the in-process PyTorch ceiling.
 
-  python benchmarks/bench_triton.py                       # DDIM (11 UNet calls), concurrency 16
-  python benchmarks/bench_triton.py --sampler ddpm --num-inference-steps 1000 --requests 64
+  python -m benchmarks.bench_triton                       # DDIM (11 UNet calls), concurrency 16
+  python -m benchmarks.bench_triton --sampler ddpm --num-inference-steps 1000 --requests 64
 
 Measured in one run, on the same weights and thread count:
   * ceiling: classifier(purifier(x)) batched in-process under torch.inference_mode, at several batch
@@ -28,44 +28,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dbp import repository
+from dbp.checkpoint import save_checkpoint, weights_sha256
+from dbp.models import Purifier, load_classifier, load_unet
+from dbp.repository import newest_version, set_parameter
+from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
+from training import export
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
-from dbp import serving  # noqa: E402
-from dbp.checkpoint import save_checkpoint, weights_sha256  # noqa: E402
-from dbp.models import Purifier, load_classifier, load_unet  # noqa: E402
-from dbp.triton_server import ServerConfig, TritonServer, free_ports  # noqa: E402
-
-
-def newest_version(model_dir: Path) -> Path | None:
-    vs = sorted((int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()), reverse=True)
-    return model_dir / str(vs[0]) if vs else None
-
-
-def set_param(config: Path, key: str, value) -> None:
-    text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', config.read_text())
-    if n != 1:
-        raise SystemExit(f"error: parameter {key} not found in {config}")
-    config.write_text(text)
 
 
 def prepare_repo(src: Path, work: Path, args) -> Path:
     """A copy of the repository's configs with the benchmark's purifier settings, plus one version."""
-    import export
     repo = work / "model_repository"
     shutil.copytree(src, repo, ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"))
     (repo / "purify_classify" / "1").mkdir(exist_ok=True)
     cfg = repo / "purifier" / "config.pbtxt"
     for k in ("t_star", "sampler", "num_inference_steps", "threads"):
-        set_param(cfg, k, getattr(args, k))
-    set_param(repo / "classifier" / "config.pbtxt", "threads", args.classifier_threads)
+        set_parameter(cfg, k, getattr(args, k))
+    set_parameter(repo / "classifier" / "config.pbtxt", "threads", args.classifier_threads)
     if args.queue_delay_us is not None:
         delay = f"max_queue_delay_microseconds: {args.queue_delay_us}"
         cfg.write_text(re.sub(r"max_queue_delay_microseconds: \d+", delay, cfg.read_text()))
     pur_v, cls_v = newest_version(src / "purifier"), newest_version(src / "classifier")
     if pur_v and cls_v:
-        pur, cls, card = pur_v / "weights", cls_v / "weights", pur_v / serving.CARD_FILE
-        print(f"weights: {pur_v} + {cls_v}")
+        pur, cls = repository.weights_dir(src, "purifier", pur_v), repository.weights_dir(src, "classifier", cls_v)
+        card = repository.version_dir(src, "purifier", pur_v) / repository.CARD_FILE
+        print(f"weights: {pur.parent} + {cls.parent}")
     else:
         from dbp.nets import build_classifier, build_unet
         pur, cls = work / "ckpt" / "purifier", work / "ckpt" / "classifier"

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
+# shared fixtures of tests/helpers.py, for every test directory (tests/ is on sys.path: pytest puts a
+# rootdir conftest's folder there; `training` imports through pyproject's pythonpath)
+from helpers import export_repo_factory, triton_server_factory  # noqa: F401
 
 # Two cores and several suites: one thread per test process keeps timings sane and results deterministic.
 torch.set_num_threads(int(os.environ.get("DBP_TEST_THREADS", "1")))
@@ -25,7 +24,7 @@ def fashion_test():
 @pytest.fixture(scope="session")
 def tiny_classifier_ckpt(tmp_path_factory) -> Path:
     """A small_cnn trained for 150 steps (~80% test accuracy): a real, imperfect classifier."""
-    import train_classifier
+    from training import train_classifier
     out = tmp_path_factory.mktemp("cls")
     train_classifier.main(["--preset", "smoke", "--steps", "150", "--batch_size", "64", "--ckpt_every", "1000",
                            "--out_dir", str(out), "--threads", "1"])
@@ -35,7 +34,7 @@ def tiny_classifier_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_diffusion_ckpt(tmp_path_factory) -> Path:
     """A small UNet after a few dozen steps on t <= 100: real weights, weak denoiser."""
-    import train_diffusion
+    from training import train_diffusion
     out = tmp_path_factory.mktemp("diff")
     train_diffusion.main(["--preset", "smoke", "--steps", "30", "--out_dir", str(out), "--threads", "1"])
     return out / "checkpoint"

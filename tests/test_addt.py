@@ -174,7 +174,7 @@ def _run(args, **kw):
 
 
 def test_run_addt_smoke_resume_and_controls(tmp_path, tiny_classifier_ckpt, tiny_diffusion_ckpt):
-    common = [PY, "training/run_addt.py", "--preset", "smoke", "--init", str(tiny_diffusion_ckpt),
+    common = [PY, "-m", "training.run_addt", "--preset", "smoke", "--init", str(tiny_diffusion_ckpt),
               "--classifier", str(tiny_classifier_ckpt), "--threads", "1"]
     out = tmp_path / "addt"
     r = _run(common + ["--out_dir", str(out), "--steps", "2"])
@@ -208,7 +208,7 @@ def test_run_addt_smoke_resume_and_controls(tmp_path, tiny_classifier_ckpt, tiny
     (["--lr", "fast"], "--lr"),
 ])
 def test_run_addt_bad_input_is_a_clear_cli_error(args, needle, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
-    r = _run([PY, "training/run_addt.py", "--preset", "smoke", "--init", str(tiny_diffusion_ckpt),
+    r = _run([PY, "-m", "training.run_addt", "--preset", "smoke", "--init", str(tiny_diffusion_ckpt),
               "--classifier", str(tiny_classifier_ckpt), "--out_dir", str(tmp_path)] + args)
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
@@ -217,7 +217,7 @@ def test_run_addt_bad_input_is_a_clear_cli_error(args, needle, tiny_classifier_c
 def test_run_addt_ddp_two_ranks_stay_in_sync(tmp_path, tiny_classifier_ckpt, tiny_diffusion_ckpt):
     torchrun = str(Path(PY).parent / "torchrun")
     out = tmp_path / "ddp"
-    r = _run([torchrun, "--standalone", "--nproc_per_node", "2", "training/run_addt.py", "--preset", "smoke",
+    r = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.run_addt", "--preset", "smoke",
               "--init", str(tiny_diffusion_ckpt), "--classifier", str(tiny_classifier_ckpt),
               "--out_dir", str(out), "--steps", "3", "--threads", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -227,4 +227,29 @@ def test_run_addt_ddp_two_ranks_stay_in_sync(tmp_path, tiny_classifier_ckpt, tin
     # and the weights really moved (a no-op run would also be "in sync")
     from dbp.models import load_unet
     a, b = load_unet(out / "checkpoint", "model"), load_unet(tiny_diffusion_ckpt)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_run_addt_from_a_fresh_clone_fine_tunes_the_deployed_models(tmp_path):
+    """No --init/--classifier and no runs/: the newest versions in model_repository/ are the defaults."""
+    clone = tmp_path / "clone"
+    tracked = subprocess.run(["git", "ls-files", "model_repository"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for f in tracked:  # what `git clone` gives: the committed repository, no training outputs
+        (clone / f).parent.mkdir(parents=True, exist_ok=True)
+        (clone / f).write_bytes((ROOT / f).read_bytes())
+    newest = max(int(p.name) for p in (clone / "model_repository" / "purifier").iterdir() if p.name.isdigit())
+    out = tmp_path / "addt"
+    r = subprocess.run([PY, "-m", "training.run_addt", "--preset", "smoke", "--threads", "1", "--out_dir", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=clone,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (clone / "runs").exists()
+    for role in ("purifier", "classifier"):
+        assert f"using the deployed {role} model_repository/{role}/{newest}/weights" in r.stderr
+    meta = ckpt.load_meta(out / "checkpoint")
+    assert meta["kind"] == "addt" and meta["step"] == 4
+    assert meta["init"] == f"model_repository/purifier/{newest}/weights"
+    from dbp.models import load_unet
+    a, b = load_unet(out / "checkpoint", "model"), load_unet(clone / meta["init"])
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -1,4 +1,4 @@
-"""training/export.py: gated, atomic, numbered versions in a temporary copy of model_repository/."""
+"""training.export (over dbp.repository): gated, atomic, numbered versions in a temporary copy of model_repository/."""
 from __future__ import annotations
 
 import filecmp
@@ -9,26 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from dbp import serving
+from dbp import repository
 from dbp.checkpoint import load_meta, weights_sha256
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_card(path: Path, purifier: Path, classifier: Path, passed: bool = True) -> Path:
-    card = {"schema": "dbp.robustness_card/1",
-            "model": {"purifier_sha256": weights_sha256(purifier), "classifier_sha256": weights_sha256(classifier)},
-            "gate": {"passed": passed, "reasons": [] if passed else ["robust accuracy 0.10 < 0.30"]},
-            "settings": [{"name": "tiny-test", "robust": {"acc": 0.5}}]}
-    path.write_text(json.dumps(card))
-    return path
+from dbp.serving.services import load_version
+from helpers import copy_repo_configs, write_card
+from training import export
 
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    repo = tmp_path / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"))
-    return repo
+    return copy_repo_configs(tmp_path / "model_repository")
 
 
 def entries(d: Path) -> list[str]:
@@ -36,7 +26,6 @@ def entries(d: Path) -> list[str]:
 
 
 def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
-    import export
     failed = write_card(tmp_path / "failed.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False)
     # a passing card, but computed on other weights (the classifier's hash where the purifier's belongs)
     other = write_card(tmp_path / "other.json", tiny_classifier_ckpt, tiny_classifier_ckpt)
@@ -50,7 +39,6 @@ def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ck
 
 
 def test_export_cli_errors_name_the_problem(repo, tmp_path, capsys, tiny_diffusion_ckpt, tiny_classifier_ckpt):
-    import export
     card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
     cases = [
         (["--purifier", str(tmp_path / "nope")], "--purifier: .*nope is not a directory"),
@@ -69,7 +57,6 @@ def test_export_cli_errors_name_the_problem(repo, tmp_path, capsys, tiny_diffusi
 
 def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tiny_diffusion_ckpt,
                                                              tiny_classifier_ckpt):
-    import export
     card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
     argv = ["--purifier", str(tiny_diffusion_ckpt), "--classifier", str(tiny_classifier_ckpt), "--card", str(card),
             "--repo", str(repo)]
@@ -86,8 +73,8 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
     assert weights_sha256(v1 / "weights") == weights_sha256(tiny_diffusion_ckpt)
     assert json.loads((v1 / "robustness_card.json").read_text()) == json.loads(card.read_text())
     for role in ("purifier", "classifier"):  # what the server checks at load time
-        serving.load_version(repo / role / "1", role)
-    assert not serving.ensure_bytecode(v1 / "model.py")  # export left a valid .pyc: the stub writes nothing
+        load_version(repo / role / "1", role)
+    assert not repository.ensure_bytecode(v1 / "model.py")  # export left a valid .pyc: the stub writes nothing
 
     assert export.main(argv) == 0 and export.main(argv) == 0
     for model in ("purifier", "classifier"):

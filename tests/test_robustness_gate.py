@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import gate
 from dbp.card import SCHEMA, card_passes, load_card
 from dbp.checkpoint import load_meta, load_weights, save_checkpoint
 from dbp.models import Defense, Purifier
 from dbp.robustness import (expected_correct, is_randomized, mean_interval, sanity_flags, single_shot, wilson)
+from training import gate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,10 +201,10 @@ def test_repository_version_with_gate_json_next_to_model(full_run, tiny_classifi
 def test_torchrun_shards_match_single_process(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
     out = tmp_path / "sharded"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "training" / "gate.py")] + ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS \
+           "-m", "training.gate"] + ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS \
         + ["--out_dir", str(out), "--gate", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_card(out / "card.json")["world_size"] == 2
     got, want = per_sample(out / "state"), per_sample(full_run / "state")
@@ -230,8 +230,8 @@ def test_bad_input_exits_2_with_message(argv, message, capsys):
 
 def test_bad_thresholds_and_cli_exit_code(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
     bad = write_json(tmp_path / "bad.json", {"min_robust": 80})
-    r = subprocess.run([sys.executable, str(ROOT / "training" / "gate.py")]
+    r = subprocess.run([sys.executable, "-m", "training.gate"]
                        + ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS
                        + ["--out_dir", str(full_run), "--thresholds", str(bad)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "min_robust must be a fraction" in r.stderr

@@ -14,16 +14,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import train_classifier
-import train_diffusion
 from dbp import checkpoint as ckpt
 from dbp import trainer as trainer_mod
 from dbp.models import load_classifier, load_unet
+from training import train_classifier, train_diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
-SCRIPTS = {"diffusion": ROOT / "training" / "train_diffusion.py", "classifier": ROOT / "training" / "train_classifier.py"}
+SCRIPTS = {"diffusion": "training.train_diffusion", "classifier": "training.train_classifier"}  # python -m
 MAINS = {"diffusion": train_diffusion.main, "classifier": train_classifier.main}
 # small but real: the diffusion grid runs DDPM (101 UNet calls) on grid_n images
 FAST = {"diffusion": ["--grid_n", "2"], "classifier": ["--eval_n", "64"]}
@@ -35,7 +34,7 @@ def env(threads: int = 1) -> dict:
 
 
 def run_cli(kind: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, str(SCRIPTS[kind]), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([PY, "-m", SCRIPTS[kind], *args], capture_output=True, text=True, timeout=timeout,
                           env=env(), cwd=ROOT)
 
 
@@ -133,7 +132,7 @@ def test_sigkill_resumes_from_last_checkpoint(tmp_path):
     out, every, total = tmp_path / "killed", 3, 30
     args = ["--preset", "smoke", "--steps", str(total), "--ckpt_every", str(every), "--out_dir", str(out),
             "--threads", "1", "--grid_n", "1", *SMALL]
-    proc = subprocess.Popen([PY, str(SCRIPTS["diffusion"]), *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([PY, "-m", SCRIPTS["diffusion"], *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env(), cwd=ROOT)
     seen, deadline = [], time.time() + 120
     try:
@@ -175,7 +174,7 @@ def test_torchrun_two_processes(tmp_path):
     """train_diffusion unchanged under torchrun (gloo, 2 CPU ranks); the classifier CLI shares the same Trainer."""
     kind = "diffusion"
     out = tmp_path / kind
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(SCRIPTS[kind]), "--preset", "smoke",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", SCRIPTS[kind], "--preset", "smoke",
            "--out_dir", str(out), "--threads", "1", *FAST[kind]]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -1,31 +1,28 @@
 """Clean accuracy of the bare classifier and of purify -> classify, per sampler (no attack).
 
-  python training/evaluate.py --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
+  python -m training.evaluate --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
       --n 1024 --samplers ddim,ddpm --out runs/eval_base.json
+  python -m training.evaluate --n 256          # the deployed pair (newest version in model_repository/)
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp import config as C  # noqa: E402
-from dbp.data import load_dataset  # noqa: E402
-from dbp.evaluation import accuracy, predict, purify_batched  # noqa: E402
-from dbp.models import Purifier, load_classifier, load_unet  # noqa: E402
-from dbp.runtime import git_commit, set_threads  # noqa: E402
+from dbp import config as C
+from dbp.data import load_dataset
+from dbp.evaluation import accuracy, predict, purify_batched
+from dbp.models import Purifier, load_classifier, load_unet
+from dbp.runtime import git_commit, set_threads
 
 
 @dataclass
 class EvalConfig:
-    purifier: str = "runs/diffusion/checkpoint"
-    classifier: str = "runs/classifier/checkpoint"
+    purifier: Optional[str] = None  # default: the deployed purifier (newest version in model_repository/)
+    classifier: Optional[str] = None  # default: the deployed classifier
     dataset: str = "fashion_mnist"
     data_root: Optional[str] = None
     n: int = 1024  # the paper's evaluation subset: the first 1024 test images
@@ -40,7 +37,9 @@ class EvalConfig:
 
 
 def main(argv=None) -> dict:
-    cfg = C.parse_cli(EvalConfig, argv, prog="evaluate.py")
+    cfg = C.parse_cli(EvalConfig, argv, prog="python -m training.evaluate")
+    cfg.purifier = C.deployed_default(cfg.purifier, "purifier", "--purifier", "evaluate")
+    cfg.classifier = C.deployed_default(cfg.classifier, "classifier", "--classifier", "evaluate")
     for s in cfg.samplers:
         if s not in ("ddim", "ddpm"):
             raise C.ConfigError(f"--samplers: unknown sampler {s!r} (ddim, ddpm)")

@@ -1,12 +1,14 @@
 """Robustness gate: attack purifier+classifier, write a robustness card, pass or fail against thresholds.
 
   # checkpoints, a CPU-sized run (DDIM, 64 images)
-  python training/gate.py --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
+  python -m training.gate --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
       --preset cpu --out_dir runs/gate/v1
   # a model_repository version (purifier/<N>/weights and classifier/<N>/weights are dbp checkpoints)
-  python training/gate.py --repository model_repository --version 3 --out_dir runs/gate/repo-v3
+  python -m training.gate --repository model_repository --version 3 --out_dir runs/gate/repo-v3
+  # no model named: the deployed pair (the newest version in model_repository/)
+  python -m training.gate --preset cpu
   # paper scale (1024 images, DDPM 101 steps, PGD-20 + EoT-10): a GPU job, sharded
-  torchrun --nproc_per_node 4 training/gate.py --purifier ... --classifier ... --preset paper
+  torchrun --nproc_per_node 4 -m training.gate --purifier ... --classifier ... --preset paper
 
 Thresholds come from --thresholds FILE, else `gate.json` beside the purifier checkpoint (its parent dir,
 then the grandparent). Keys (all optional):
@@ -36,18 +38,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp import config as C, distributed  # noqa: E402
-from dbp.attacks import MODES, NORMS, PGD, AttackConfig  # noqa: E402
-from dbp.card import SCHEMA, CardError, load_card, plot_card, write_card  # noqa: E402
-from dbp.checkpoint import CheckpointError, load_meta, weights_sha256  # noqa: E402
-from dbp.data import DatasetError, load_dataset  # noqa: E402
-from dbp.diffusion import PurifyNoise  # noqa: E402
-from dbp.models import Defense, Purifier, load_classifier, load_unet  # noqa: E402
-from dbp.plots import image_grid  # noqa: E402
-from dbp.robustness import (FLAG_NAMES, bare_attack_config, bare_robust_correct, expected_correct,  # noqa: E402
-                            is_randomized, sanity_flags, single_shot, summarize)
-from dbp.runtime import git_commit, set_threads  # noqa: E402
+from dbp import config as C, distributed, repository
+from dbp.attacks import MODES, NORMS, PGD, AttackConfig
+from dbp.card import SCHEMA, CardError, load_card, plot_card, write_card
+from dbp.checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
+from dbp.data import DatasetError, load_dataset
+from dbp.models import Defense, Purifier, load_classifier, load_unet
+from dbp.plots import image_grid
+from dbp.robustness import (FLAG_NAMES, bare_attack_config, bare_robust_correct, expected_correct, is_randomized,
+                            sanity_flags, single_shot, summarize)
+from dbp.runtime import git_commit, set_threads
 
 EXIT_PASS, EXIT_FAIL, EXIT_INCOMPLETE = 0, 1, 3
 
@@ -57,7 +57,7 @@ class GateConfig:
     purifier: Optional[str] = None  # dbp diffusion/addt checkpoint dir
     classifier: Optional[str] = None  # dbp classifier checkpoint dir
     repository: Optional[str] = None  # model_repository root (instead of --purifier/--classifier)
-    version: Optional[int] = None
+    version: Optional[int] = None  # none of the four given: the newest version of the default repository
     classifier_version: Optional[int] = None  # default: --version
     dataset: Optional[str] = None  # default: the classifier checkpoint's dataset
     data_root: Optional[str] = None
@@ -87,6 +87,8 @@ class GateConfig:
     grid_n: int = 8
     threads: int = 0
     device: str = "auto"
+    grad_checkpoint: str = "auto"  # per-UNet-call checkpointing: true / false / auto (by memory; same gradients)
+    checkpoint_budget_mb: Optional[float] = None  # auto's memory budget; default a quarter of free memory
 
 
 PRESETS = {
@@ -97,7 +99,8 @@ PRESETS = {
 
 # Fields that do not change the numbers: a resumed run may differ in these.
 NON_EVAL_FIELDS = {"out_dir", "thresholds", "baseline_card", "max_drop", "gate", "max_batches", "grid_n", "threads",
-                   "device", "repository", "version", "classifier_version", "purifier", "classifier", "data_root"}
+                   "device", "repository", "version", "classifier_version", "purifier", "classifier", "data_root",
+                   "grad_checkpoint", "checkpoint_budget_mb"}
 THRESHOLD_KEYS = {"min_clean", "min_robust", "min_clean_bare", "max_drop", "bare_robust_max", "fail_on_flags"}
 # Fixed generator streams per purpose, so results do not depend on which settings or ranks ran
 SETTING_STREAM = {"linf-dwbox": 10, "linf-eot": 20, "l2-dwbox": 30, "l2-eot": 40}
@@ -136,10 +139,11 @@ def validate(cfg: GateConfig) -> None:
     by_ckpt, by_repo = cfg.purifier or cfg.classifier, cfg.repository or cfg.version is not None
     if by_ckpt and by_repo:
         raise C.ConfigError("give either --purifier and --classifier, or --repository and --version, not both")
-    if by_repo and (cfg.repository is None or cfg.version is None):
-        raise C.ConfigError("--repository needs --version (and --version needs --repository)")
-    if not by_repo and not (cfg.purifier and cfg.classifier):
-        raise C.ConfigError("give --purifier CKPT_DIR and --classifier CKPT_DIR (or --repository DIR --version N)")
+    if cfg.repository is not None and cfg.version is None:
+        raise C.ConfigError("--repository needs --version (give neither to gate the deployed version)")
+    if by_ckpt and not (cfg.purifier and cfg.classifier):
+        raise C.ConfigError("give --purifier CKPT_DIR and --classifier CKPT_DIR (or --repository DIR --version N, "
+                            "or none of them for the deployed version)")
     for name, vals, known in (("norms", cfg.norms, NORMS), ("modes", cfg.modes, MODES)):
         bad = [v for v in vals if v not in known]
         if bad or not vals or len(set(vals)) != len(vals):
@@ -160,11 +164,24 @@ def validate(cfg: GateConfig) -> None:
         raise C.ConfigError(f"--max_drop must be in [0, 1], got {cfg.max_drop}")
 
 
+def use_deployed(cfg: GateConfig) -> None:
+    """No model named: gate the deployed pair, the newest version of the default model repository."""
+    if cfg.purifier or cfg.classifier or cfg.repository is not None:
+        return
+    repo = repository.default_repository()
+    if cfg.version is None:
+        cfg.version = repository.newest_version(repository.model_dir(repo, "purifier"))
+        if cfg.version is None:
+            raise C.ConfigError(f"no model given and none deployed in {repo}: give --purifier and --classifier")
+    cfg.repository = str(repo)
+    print(f"gate: no --purifier/--classifier given; gating version {cfg.version} of {repo}", file=sys.stderr)
+
+
 def resolve_dirs(cfg: GateConfig) -> tuple[Path, Path]:
     if cfg.repository is not None:
-        repo = Path(cfg.repository)
         cv = cfg.classifier_version if cfg.classifier_version is not None else cfg.version
-        return repo / "purifier" / str(cfg.version) / "weights", repo / "classifier" / str(cv) / "weights"
+        return (repository.weights_dir(cfg.repository, "purifier", cfg.version),
+                repository.weights_dir(cfg.repository, "classifier", cv))
     return Path(cfg.purifier), Path(cfg.classifier)
 
 
@@ -176,11 +193,12 @@ def build(cfg: GateConfig, d: distributed.Dist) -> Ctx:
         sha = {"purifier": weights_sha256(pdir), "classifier": weights_sha256(cdir)}
     except (CheckpointError, OSError, KeyError, RuntimeError) as e:
         raise C.ConfigError(f"cannot load the models: {e}") from None
-    if pmeta.get("kind") not in ("diffusion", "addt") or cmeta.get("kind") != "classifier":
+    if pmeta.get("kind") not in PURIFIER_KINDS or cmeta.get("kind") not in CLASSIFIER_KINDS:
         raise C.ConfigError(f"--purifier must be a diffusion/addt checkpoint and --classifier a classifier one, "
                             f"got {pmeta.get('kind')!r} and {cmeta.get('kind')!r}")
     try:
-        purifier = Purifier(eps_net, cfg.t_star, cfg.sampler, cfg.num_inference_steps, grad_checkpoint=True)
+        purifier = Purifier(eps_net, cfg.t_star, cfg.sampler, cfg.num_inference_steps,
+                            grad_checkpoint=cfg.grad_checkpoint, checkpoint_budget_mb=cfg.checkpoint_budget_mb)
     except ValueError as e:
         raise C.ConfigError(f"bad purifier settings: {e}") from None
     dataset = cfg.dataset or cmeta["arch"].get("dataset", "fashion_mnist")
@@ -230,12 +248,6 @@ def generator(ctx: Ctx, batch: int, stream: int) -> torch.Generator:
     return torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed * 1_000_003 + batch * 1009 + stream)
 
 
-def _head(noise: Optional[PurifyNoise], n: int) -> Optional[PurifyNoise]:
-    if noise is None:
-        return None
-    return PurifyNoise(noise.forward[:n], None if noise.reverse is None else noise.reverse[:, :n])
-
-
 def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
     cfg, defense = ctx.cfg, ctx.defense
     x, y = ctx.x[lo:hi].to(ctx.device), ctx.y[lo:hi].to(ctx.device)
@@ -271,7 +283,8 @@ def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
         if grid:
             out[f"grid/{s}/adv"] = res.x_adv[:g]
             with torch.inference_mode():
-                out[f"grid/{s}/purified"] = defense.purifier(res.x_adv[:g], noise=_head(res.noise, g),
+                head = None if res.noise is None else res.noise[:g]
+                out[f"grid/{s}/purified"] = defense.purifier(res.x_adv[:g], noise=head,
                                                              generator=generator(ctx, b, stream + 3))
     out["time_s"] = torch.tensor([time.time() - t0], dtype=torch.float64)
     return {k: (v.float() if v.dtype == torch.bool else v).detach().cpu().contiguous() for k, v in out.items()}
@@ -539,8 +552,9 @@ def write_outputs(ctx: Ctx, card: dict, m: dict[str, torch.Tensor]) -> None:
 
 def main(argv=None) -> int:
     t0 = time.time()
-    cfg = C.parse_cli(GateConfig, argv, PRESETS, prog="gate.py")
+    cfg = C.parse_cli(GateConfig, argv, PRESETS, prog="python -m training.gate")
     validate(cfg)
+    use_deployed(cfg)
     set_threads(cfg.threads)
     d = distributed.setup(cfg.device)
     try:

@@ -1,17 +1,18 @@
 """Fine-tune a pretrained diffusion purifier with ADDT (or its controls) against a frozen classifier.
 
-  python training/run_addt.py --preset default                       # ADDT on the Fashion-MNIST default model
-  python training/run_addt.py --preset default --mode clean          # control: plain fine-tuning, same recipe
-  python training/run_addt.py --preset default --no_rbgm             # control: CGPO without RBGM
-  torchrun --nproc_per_node 8 training/run_addt.py --preset cifar10 --init /models/ddpm_ema_cifar10 \
+  python -m training.run_addt --preset default                       # ADDT on the deployed Fashion-MNIST model
+  python -m training.run_addt --preset default --mode clean          # control: plain fine-tuning, same recipe
+  python -m training.run_addt --preset default --no_rbgm             # control: CGPO without RBGM
+  torchrun --nproc_per_node 8 -m training.run_addt --preset cifar10 --init /models/ddpm_ema_cifar10 \
       --classifier /models/wrn-28-10 --data_root /data/cifar-10-batches-py
 
+Without --init/--classifier it fine-tunes the deployed purifier against the deployed classifier (the newest
+versions in model_repository/, dbp.repository.deployed_weights), so it runs from a fresh clone.
 Writes <out_dir>/checkpoint (EMA weights served by export), report.json and loss.png; reruns resume.
 """
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,22 +21,21 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp import checkpoint as ckpt, config as C, distributed  # noqa: E402
-from dbp.addt import ADDTConfig, addt_loss  # noqa: E402
-from dbp.data import load_dataset  # noqa: E402
-from dbp.diffusion import Diffusion, to_model_range  # noqa: E402
-from dbp.models import freeze, load_classifier  # noqa: E402
-from dbp.nets import build_unet, load_diffusers_unet, set_dropout  # noqa: E402
-from dbp.plots import line_plot  # noqa: E402
-from dbp.runtime import git_commit, set_threads  # noqa: E402
-from dbp.trainer import LoopConfig, Trainer, constant  # noqa: E402
+from dbp import checkpoint as ckpt, config as C, distributed
+from dbp.addt import ADDTConfig, addt_loss
+from dbp.data import load_dataset
+from dbp.diffusion import Diffusion, to_model_range
+from dbp.models import freeze, load_classifier, load_raw_unet
+from dbp.nets import load_diffusers_unet, set_dropout
+from dbp.plots import line_plot
+from dbp.runtime import git_commit, set_threads
+from dbp.trainer import LoopConfig, Trainer, constant
 
 
 @dataclass
 class RunConfig:
-    init: str = "runs/diffusion/checkpoint"  # dbp diffusion checkpoint, or a local diffusers folder
-    classifier: str = "runs/classifier/checkpoint"
+    init: Optional[str] = None  # dbp diffusion checkpoint or local diffusers folder; default: the deployed purifier
+    classifier: Optional[str] = None  # dbp classifier checkpoint; default: the deployed classifier
     dataset: str = "fashion_mnist"
     data_root: Optional[str] = None
     out_dir: str = "runs/addt"
@@ -77,14 +77,10 @@ PRESETS = {
 def load_init_unet(path: str) -> tuple[UNet2DModel, dict]:
     p = Path(path)
     if (p / "meta.json").exists():
-        meta = ckpt.load_meta(p)
-        if meta.get("kind") not in ("diffusion", "addt"):
-            raise C.ConfigError(f"--init {p} is a {meta.get('kind')!r} checkpoint, not a diffusion model")
-        arch = meta["arch"]
-        unet = (UNet2DModel.from_config(arch["unet_config"]) if "unet_config" in arch
-                else build_unet(arch["unet"], **arch.get("unet_overrides", {})))
-        unet.load_state_dict(ckpt.load_weights(p, "ema"))
-        return unet, arch
+        try:
+            return load_raw_unet(p, "ema"), ckpt.load_meta(p)["arch"]
+        except ckpt.CheckpointError as e:
+            raise C.ConfigError(f"--init {e}") from None
     if (p / "config.json").exists() or (p / "unet" / "config.json").exists():
         unet = load_diffusers_unet(p)
         return unet, {"unet": "diffusers", "unet_config": dict(unet.config), "dataset": None}
@@ -106,11 +102,17 @@ def validate(cfg: RunConfig) -> None:
 
 
 def main(argv=None) -> dict:
-    cfg = C.parse_cli(RunConfig, argv, PRESETS, prog="run_addt.py")
+    cfg = C.parse_cli(RunConfig, argv, PRESETS, prog="python -m training.run_addt")
+    cfg.init = C.deployed_default(cfg.init, "purifier", "--init", "run_addt")
+    cfg.classifier = C.deployed_default(cfg.classifier, "classifier", "--classifier", "run_addt")
     validate(cfg)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    d = distributed.setup(cfg.device)
+    with distributed.session(cfg.device) as d:
+        return run(cfg, d)
+
+
+def run(cfg: RunConfig, d: distributed.Dist) -> dict:
     unet, arch = load_init_unet(cfg.init)
     set_dropout(unet, cfg.dropout)
     unet.to(d.device)
@@ -153,7 +155,6 @@ def main(argv=None) -> dict:
                   "rank_weight_sha256": trainer.rank_digests}
         (out / "report.json").write_text(json.dumps({**result, "config": C.to_dict(cfg)}, indent=2))
         print(json.dumps(result))
-    distributed.teardown()
     return result
 
 

@@ -1,12 +1,11 @@
 """Train the classifier the purifier protects (and that guides CGPO).
 
-  python training/train_classifier.py --preset default --out_dir runs/classifier
-  torchrun --nproc_per_node 2 training/train_classifier.py --preset default
+  python -m training.train_classifier --preset default --out_dir runs/classifier
+  torchrun --nproc_per_node 2 -m training.train_classifier --preset default
 """
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,13 +13,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp import config as C, distributed  # noqa: E402
-from dbp.data import load_dataset  # noqa: E402
-from dbp.evaluation import accuracy, predict  # noqa: E402
-from dbp.nets import build_classifier  # noqa: E402
-from dbp.runtime import git_commit, set_threads  # noqa: E402
-from dbp.trainer import LoopConfig, Trainer, warmup_then_cosine  # noqa: E402
+from dbp import config as C, distributed
+from dbp.data import load_dataset
+from dbp.evaluation import accuracy, predict
+from dbp.nets import build_classifier
+from dbp.runtime import git_commit, set_threads
+from dbp.trainer import LoopConfig, Trainer, warmup_then_cosine
 
 
 @dataclass
@@ -62,10 +60,14 @@ def augment(x: torch.Tensor, cfg: ClassifierConfig) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    cfg = C.parse_cli(ClassifierConfig, argv, PRESETS, prog="train_classifier.py")
+    cfg = C.parse_cli(ClassifierConfig, argv, PRESETS, prog="python -m training.train_classifier")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    d = distributed.setup(cfg.device)
+    with distributed.session(cfg.device) as d:
+        return run(cfg, d)
+
+
+def run(cfg: ClassifierConfig, d: distributed.Dist) -> dict:
     train, test = load_dataset(cfg.dataset, "train", cfg.data_root), load_dataset(cfg.dataset, "test", cfg.data_root)
     model = build_classifier(cfg.arch, cfg.dataset, len(train.classes)).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -89,7 +91,6 @@ def main(argv=None) -> dict:
                   "wall_time_s": round(trainer.wall_time, 1)}
         (Path(cfg.out_dir) / "report.json").write_text(json.dumps({**result, "config": C.to_dict(cfg)}, indent=2))
         print(json.dumps(result))
-    distributed.teardown()
     return result
 
 

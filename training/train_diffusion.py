@@ -1,14 +1,13 @@
 """Train the purifier's diffusion model (epsilon prediction, linear betas, T=1000) from scratch.
 
-  python training/train_diffusion.py --preset default --out_dir runs/diffusion
-  torchrun --nproc_per_node 2 training/train_diffusion.py --preset default
+  python -m training.train_diffusion --preset default --out_dir runs/diffusion
+  torchrun --nproc_per_node 2 -m training.train_diffusion --preset default
 
 `--t_max 100` restricts training to the timesteps purification at t*=100 ever visits.
 """
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp import config as C, distributed  # noqa: E402
-from dbp.data import load_dataset  # noqa: E402
-from dbp.diffusion import Diffusion, to_image_range, to_model_range  # noqa: E402
-from dbp.models import Purifier  # noqa: E402
-from dbp.nets import EpsNet, build_unet  # noqa: E402
-from dbp.plots import image_grid, line_plot  # noqa: E402
-from dbp.runtime import git_commit, set_threads  # noqa: E402
-from dbp.trainer import LoopConfig, Trainer, warmup_then_cosine  # noqa: E402
+from dbp import config as C, distributed
+from dbp.data import load_dataset
+from dbp.diffusion import Diffusion, to_image_range, to_model_range
+from dbp.models import Purifier
+from dbp.nets import EpsNet, build_unet
+from dbp.plots import image_grid, line_plot
+from dbp.runtime import git_commit, set_threads
+from dbp.trainer import LoopConfig, Trainer, warmup_then_cosine
 
 
 @dataclass
@@ -59,12 +57,16 @@ PRESETS = {
 
 
 def main(argv=None) -> dict:
-    cfg = C.parse_cli(DiffusionConfig, argv, PRESETS, prog="train_diffusion.py")
+    cfg = C.parse_cli(DiffusionConfig, argv, PRESETS, prog="python -m training.train_diffusion")
     if not 0 <= cfg.t_max <= 999:
         raise C.ConfigError(f"--t_max must be in [0, 999], got {cfg.t_max}")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    d = distributed.setup(cfg.device)
+    with distributed.session(cfg.device) as d:
+        return run(cfg, d)
+
+
+def run(cfg: DiffusionConfig, d: distributed.Dist) -> dict:
     train = load_dataset(cfg.dataset, "train", cfg.data_root)
     overrides = {"dropout": cfg.dropout} if cfg.dropout else {}
     unet = build_unet(cfg.unet, **overrides).to(d.device)
@@ -97,7 +99,6 @@ def main(argv=None) -> dict:
                   "wall_time_s": round(trainer.wall_time, 1)}
         (out / "report.json").write_text(json.dumps({**result, "config": C.to_dict(cfg)}, indent=2))
         print(json.dumps(result))
-    distributed.teardown()
     return result
 
 

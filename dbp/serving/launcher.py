@@ -1,9 +1,10 @@
 """Run the real Triton Inference Server (from the nvidia-pytriton wheel) on a CPU machine.
 
-  python -m dbp.triton_server --repo model_repository              # foreground, Ctrl-C stops it
-  python -m dbp.triton_server --repo model_repository --http-port 8000 --grpc-port 8001 --metrics-port 8002
+  dbp-triton --repo model_repository              # foreground, Ctrl-C stops it (= python -m dbp.serving.launcher)
+  dbp-triton --repo model_repository --http-port 8000 --grpc-port 8001 --metrics-port 8002
 
-  with TritonServer(ServerConfig(repo="model_repository", http_port=free_port(), ...)) as srv:
+  h, g, m = free_ports(3)
+  with TritonServer(ServerConfig(repo="model_repository", http_port=h, grpc_port=g, metrics_port=m)) as srv:
       srv.http_url, srv.grpc_url
 
 Follows docs/triton-on-cpu.md: the python backend dir is assembled with the stub built for this
@@ -35,6 +36,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .. import repository
 
 SHM_DIR = Path("/dev/shm")
 # Keep the stock prefix in front so generic `triton_python_backend_shm_region_*` clean-ups still match.
@@ -68,13 +71,6 @@ class ServerConfig:
     run_dir: Optional[str] = None  # backend dir + log; a temp dir (removed on stop) when None
     echo: bool = False  # copy the server log to stderr as it comes (foreground CLI)
     extra_args: Sequence[str] = field(default_factory=tuple)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (tritonserver only notices a clash after loading every model)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def free_ports(n: int = 3, host: str = "127.0.0.1") -> list[int]:
@@ -145,21 +141,20 @@ def assemble_backends(run_dir: Path) -> Path:
 
 def check_repository(repo: Path) -> None:
     """Fail before launching when a python model has no version (tritonserver's error is vaguer), and give
-    every version's model.py its .pyc (a version dir from git has none; see dbp.serving.ensure_bytecode)."""
-    from .serving import ensure_bytecode
-
+    every version's model.py its .pyc (a version dir from git has none; see dbp.repository.ensure_bytecode)."""
     if not repo.is_dir():
         raise TritonServerError(f"model repository {repo} does not exist")
     for cfg in sorted(repo.glob("*/config.pbtxt")):
         if 'backend: "python"' not in cfg.read_text():
             continue
-        versions = [d for d in cfg.parent.iterdir() if d.is_dir() and d.name.isdigit() and (d / "model.py").exists()]
+        versions = [d for d in (cfg.parent / str(v) for v in repository.versions(cfg.parent))
+                    if (d / repository.MODEL_FILE).exists()]
         for d in versions:
-            ensure_bytecode(d / "model.py")
+            repository.ensure_bytecode(d / repository.MODEL_FILE)
         if not versions:
             raise TritonServerError(
                 f"{cfg.parent} has no version directory with a model.py; export one first:\n"
-                "  python training/export.py --purifier <diffusion ckpt dir> --classifier <classifier ckpt dir> "
+                "  python -m training.export --purifier <diffusion ckpt dir> --classifier <classifier ckpt dir> "
                 f"--card <card.json> --repo {repo}")
 
 
@@ -362,7 +357,7 @@ class TritonServer:
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbp.triton_server",
+    p = argparse.ArgumentParser(prog="dbp-triton",
                                 description="Serve model_repository/ with Triton on CPU until Ctrl-C.")
     d = ServerConfig()
     p.add_argument("--repo", default=d.repo, help="Triton model repository")

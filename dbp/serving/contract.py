@@ -1,0 +1,199 @@
+"""The request contract of the served models: settings, validation and votes, in numpy only.
+
+No torch here (a test imports this module in a torch-free process): the gateway validates requests with
+exactly the checks the Triton models run, and reads the tensor names and limits from here.
+
+Tensor contract (batch dim B first, as Triton's max_batch_size implies):
+  purifier    IMAGES  FP32 [B, C, H, W] in [0, 1]
+              SEED    INT64 [B, 1] optional: the seed of each image's noise (exactly reproducible rows)
+              VOTES   INT32 [B, 1] optional: k purifications per image, the same k for the whole request
+           -> PURIFIED FP32 [B, k*C, H, W]: the k purifications of image b stacked along channels
+              (reshape to [B, k, C, H, W]); k = 1 gives the plain [B, C, H, W]
+  classifier  IMAGES  FP32 [B, k*C, H, W] (a purifier output), VOTES as above
+           -> LOGITS [B, n] (mean over votes), PROBS [B, n] (mean softmax over votes),
+              LABEL INT64 [B, 1] (majority of the k votes), AGREEMENT FP32 [B, 1] (share of votes for LABEL)
+Votes travel in the channel dimension, not the batch one, so every step of the ensemble keeps the
+client's batch size B (Triton rejects inputs whose batch sizes differ) and max_batch_size counts images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES")
+PURIFIER_OUTPUTS = ("PURIFIED",)
+CLASSIFIER_INPUTS = ("IMAGES", "VOTES")
+CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT")
+
+
+class RequestError(ValueError):
+    """A bad request: the message goes back to that client only; the batch and the instance carry on."""
+
+
+# ---- settings from config.pbtxt `parameters` ------------------------------------------------------
+
+@dataclass
+class PurifierSettings:
+    t_star: int = 100
+    sampler: str = "ddim"
+    num_inference_steps: int = 100  # DDIM steps (or respaced DDPM steps) over the full T=1000 grid
+    threads: int = 1
+    max_votes: int = 16
+    max_rows: int = 256  # images per torch call; a batch with votes can be 64*16 purifications
+    range_tolerance: float = 1e-3  # pixels this far outside [0, 1] are clipped, further is an error
+
+
+@dataclass
+class ClassifierSettings:
+    threads: int = 1
+    max_votes: int = 16
+    max_rows: int = 512
+    range_tolerance: float = 1e-3
+
+
+def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
+    """Settings from Triton's model_config JSON; unknown keys and bad values fail the load with a message."""
+    if isinstance(model_config, str):
+        model_config = json.loads(model_config)
+    params = model_config.get("parameters") or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, v in params.items():
+        if key not in fields:
+            raise ValueError(f"unknown parameter {key!r} in config.pbtxt; known: {sorted(fields)}")
+        raw = v.get("string_value") if isinstance(v, Mapping) else v
+        typ = type(fields[key].default)
+        try:
+            values[key] = typ(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"parameter {key!r} must be {typ.__name__}, got {raw!r}") from None
+    s = cls(**values)
+    if getattr(s, "sampler", "ddpm") not in ("ddpm", "ddim"):
+        raise ValueError(f"parameter 'sampler' must be 'ddpm' or 'ddim', got {s.sampler!r}")
+    if s.max_votes < 1 or s.max_rows < 1 or s.threads < 0:
+        raise ValueError("max_votes and max_rows must be >= 1, threads >= 0")
+    return s
+
+
+# ---- request validation ---------------------------------------------------------------------------
+
+def _shape(a: np.ndarray) -> str:
+    return "[" + ", ".join(str(d) for d in a.shape) + "]"
+
+
+def check_votes(v: Optional[np.ndarray], batch: int, max_votes: int) -> int:
+    if v is None:
+        return 1
+    v = np.asarray(v)
+    if not np.issubdtype(v.dtype, np.integer):
+        raise RequestError(f"VOTES must be an integer tensor, got {v.dtype}")
+    if v.shape not in ((batch, 1), (batch,)):
+        raise RequestError(f"VOTES must be [B, 1] = [{batch}, 1], got {_shape(v)}")
+    k = int(v.reshape(-1)[0])
+    if not np.all(v == k):
+        raise RequestError("VOTES must be the same for every image of a request")
+    if not 1 <= k <= max_votes:
+        raise RequestError(f"VOTES must be in [1, {max_votes}], got {k}")
+    return k
+
+
+def check_seeds(s: Optional[np.ndarray], batch: int) -> Optional[list[int]]:
+    if s is None:
+        return None
+    s = np.asarray(s)
+    if not np.issubdtype(s.dtype, np.integer):
+        raise RequestError(f"SEED must be an integer tensor, got {s.dtype}")
+    if s.shape not in ((batch, 1), (batch,)):
+        raise RequestError(f"SEED must be [B, 1] = [{batch}, 1], got {_shape(s)}")
+    return [int(v) for v in s.reshape(-1)]
+
+
+def check_images(x: Optional[np.ndarray], chw: tuple[int, int, int], votes: int = 1,
+                 tolerance: float = 1e-3) -> np.ndarray:
+    """FP32 [B, votes*C, H, W], finite, in [0, 1] up to `tolerance` (then clipped); returns a float32 copy."""
+    if x is None:
+        raise RequestError("missing input IMAGES")
+    x = np.asarray(x)
+    c, h, w = chw
+    want = f"[B, {c}, {h}, {w}]" if votes == 1 else f"[B, {votes}*{c}, {h}, {w}] (VOTES={votes})"
+    if x.dtype != np.float32:
+        raise RequestError(f"IMAGES must be FP32, got {x.dtype}")
+    if x.ndim != 4 or x.shape[1:] != (votes * c, h, w):
+        raise RequestError(f"IMAGES must be {want} for this model, got {_shape(x)}")
+    if x.shape[0] < 1:
+        raise RequestError("IMAGES holds no image")
+    if not np.isfinite(x).all():
+        raise RequestError("IMAGES contains NaN or Inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -tolerance or hi > 1 + tolerance:
+        raise RequestError(f"IMAGES values must lie in [0, 1] (got min {lo:.4g}, max {hi:.4g})")
+    return np.clip(x, 0.0, 1.0)
+
+
+# ---- vote aggregation -----------------------------------------------------------------------------
+
+def aggregate_votes(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """[B*k, n] logits of k votes per image (image-major) -> LOGITS, PROBS, LABEL, AGREEMENT per image.
+
+    LABEL is the most frequent per-vote argmax; a tie goes to the label with the larger mean probability.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[0] % k:
+        raise ValueError(f"logits {logits.shape} do not split into groups of k={k}")
+    n = logits.shape[1]
+    per = logits.reshape(-1, k, n)
+    z = per - per.max(axis=2, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
+    mean_probs = probs.mean(axis=1)
+    votes = per.argmax(axis=2)  # [B, k]
+    counts = np.stack([(votes == c).sum(axis=1) for c in range(n)], axis=1)  # [B, n]
+    label = np.argmax(counts + 0.5 * mean_probs, axis=1)  # the probability term is < 1 vote: ties only
+    agreement = counts[np.arange(len(label)), label] / k
+    return {"LOGITS": per.mean(axis=1).astype(np.float32), "PROBS": mean_probs.astype(np.float32),
+            "LABEL": label.astype(np.int64)[:, None], "AGREEMENT": agreement.astype(np.float32)[:, None]}
+
+
+# ---- dynamic batches ------------------------------------------------------------------------------
+
+Inputs = Mapping[str, Optional[np.ndarray]]
+
+
+def serve_batch(prepare: Callable[[Inputs], Any], run: Callable[[list], list],
+                requests: Sequence[Inputs]) -> list[dict[str, np.ndarray] | Exception]:
+    """One result per request: its outputs, or the exception to answer it with. Never raises.
+
+    A bad request gets a RequestError of its own while the others run; if the torch call itself fails,
+    every request it carried gets a RuntimeError, and the instance stays up for the next batch.
+    """
+    results: list[Any] = [None] * len(requests)
+    items, idx = [], []
+    for i, r in enumerate(requests):
+        try:
+            items.append(prepare(r))
+            idx.append(i)
+        except RequestError as e:
+            results[i] = e
+        except Exception as e:  # noqa: BLE001 - a malformed tensor must not take the batch down
+            results[i] = RequestError(f"invalid request: {type(e).__name__}: {e}")
+    if items:
+        try:
+            outs = run(items)
+        except Exception as e:  # noqa: BLE001
+            outs = [RuntimeError(f"inference failed: {type(e).__name__}: {e}")] * len(items)
+        for i, o in zip(idx, outs):
+            results[i] = o
+    return results
+
+
+def images_and_batch(r: Inputs) -> tuple[np.ndarray, int]:
+    x = r.get("IMAGES")
+    if x is None:
+        raise RequestError("missing input IMAGES")
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise RequestError(f"IMAGES must be a 4-d batch [B, C, H, W], got {_shape(x)}")
+    return x, int(x.shape[0])

@@ -1,0 +1,144 @@
+"""The torch side of the Triton python models: load a version, run dynamic batches of requests.
+
+Kept free of Triton (pb_utils glue: dbp.serving.triton_glue) so it is tested in-process. Requests are
+validated with dbp.serving.contract; the valid ones of a dynamic batch are gathered into one torch call
+and the result split back, one answer per request.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from .. import repository
+from ..diffusion import PurifyNoise
+from ..models import Purifier, load_classifier, load_unet
+from .contract import (ClassifierSettings, Inputs, PurifierSettings, aggregate_votes, check_images, check_seeds,
+                       check_votes, images_and_batch, serve_batch)
+
+
+@dataclass
+class Version:
+    dir: Path
+    weights: Path
+    meta: dict
+    card: Optional[dict]
+
+
+def load_version(version_dir: str | Path, role: str, require_card: bool = True) -> Version:
+    """Read <version>/weights (a dbp checkpoint dir) and the card beside it (dbp.repository.check_version)."""
+    version_dir = Path(version_dir)
+    weights = version_dir / repository.WEIGHTS_DIR
+    meta = ckpt.load_meta(weights)
+    card = repository.check_version(version_dir, role) if require_card else None
+    return Version(version_dir, weights, meta, card)
+
+
+def _chunked(fn: Callable, x, max_rows: int):
+    if x.shape[0] <= max_rows:
+        return fn(x)
+    return torch.cat([fn(x[i:i + max_rows]) for i in range(0, x.shape[0], max_rows)])
+
+
+def _set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class PurifyItem:
+    x: Any  # torch [B, C, H, W]
+    k: int
+    seeds: Optional[list[int]]
+
+
+class PurifierService:
+    """Loads a purifier version and runs dynamic batches of purification requests."""
+
+    def __init__(self, version_dir: str | Path, settings: PurifierSettings = PurifierSettings(),
+                 require_card: bool = True):
+        _set_threads(settings.threads)
+        self.settings = settings
+        self.version = load_version(version_dir, "purifier", require_card)
+        eps = load_unet(self.version.weights)
+        self.purifier = Purifier(eps, t_star=settings.t_star, sampler=settings.sampler,
+                                 num_inference_steps=settings.num_inference_steps).eval()
+        cfg = eps.unet.config
+        self.chw = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        # unseeded rows draw from one instance generator, seeded from the OS
+        self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+    def prepare(self, r: Inputs) -> PurifyItem:
+        x, batch = images_and_batch(r)
+        k = check_votes(r.get("VOTES"), batch, self.settings.max_votes)
+        x = check_images(x, self.chw, 1, self.settings.range_tolerance)
+        return PurifyItem(torch.from_numpy(x), k, check_seeds(r.get("SEED"), batch))
+
+    def noise_for(self, item: PurifyItem):
+        """Each image's k purifications draw from its own generator when seeded, so a row's noise does not
+        depend on the other images in the request or the dynamic batch."""
+        parts = []
+        for b in range(item.x.shape[0]):
+            gen = self.generator if item.seeds is None else torch.Generator().manual_seed(item.seeds[b])
+            parts.append(self.purifier.sample_noise(item.x[b:b + 1].expand(item.k, -1, -1, -1), gen))
+        return PurifyNoise.cat(parts)
+
+    def run(self, items: list[PurifyItem]) -> list[dict[str, np.ndarray]]:
+        with torch.inference_mode():
+            noise = PurifyNoise.cat([self.noise_for(it) for it in items])
+            x = torch.cat([it.x.repeat_interleave(it.k, dim=0) for it in items])
+            rows = self.settings.max_rows
+            outs = [self.purifier(x[i:i + rows], noise=noise[i:i + rows]) for i in range(0, x.shape[0], rows)]
+            y = torch.cat(outs).numpy()
+        res, off = [], 0
+        for it in items:
+            b, n = it.x.shape[0], it.x.shape[0] * it.k
+            res.append({"PURIFIED": np.ascontiguousarray(y[off:off + n].reshape(b, -1, *y.shape[2:]))})
+            off += n
+        return res
+
+    def __call__(self, requests: Sequence[Inputs]) -> list[dict[str, np.ndarray] | Exception]:
+        return serve_batch(self.prepare, self.run, requests)
+
+
+@dataclass
+class ClassifyItem:
+    x: Any  # torch [B*k, C, H, W]
+    k: int
+
+
+class ClassifierService:
+    def __init__(self, version_dir: str | Path, settings: ClassifierSettings = ClassifierSettings(),
+                 require_card: bool = True):
+        _set_threads(settings.threads)
+        self.settings = settings
+        self.version = load_version(version_dir, "classifier", require_card)
+        self.model = load_classifier(self.version.weights)
+        arch = self.version.meta.get("arch", {})
+        channels = len(self.model.normalize.mean.reshape(-1))
+        size = int(arch.get("image_size", 32))  # dbp.data pads every dataset to 32x32
+        self.chw = (channels, size, size)
+
+    def prepare(self, r: Inputs) -> ClassifyItem:
+        x, batch = images_and_batch(r)
+        k = check_votes(r.get("VOTES"), batch, self.settings.max_votes)
+        x = check_images(x, self.chw, k, self.settings.range_tolerance)
+        return ClassifyItem(torch.from_numpy(x).reshape(-1, *self.chw), k)
+
+    def run(self, items: list[ClassifyItem]) -> list[dict[str, np.ndarray]]:
+        with torch.inference_mode():
+            logits = _chunked(self.model, torch.cat([it.x for it in items]), self.settings.max_rows).float().numpy()
+        res, off = [], 0
+        for it in items:
+            n = it.x.shape[0]
+            res.append(aggregate_votes(logits[off:off + n], it.k))
+            off += n
+        return res
+
+    def __call__(self, requests: Sequence[Inputs]) -> list[dict[str, np.ndarray] | Exception]:
+        return serve_batch(self.prepare, self.run, requests)
