@@ -166,7 +166,9 @@ def stats(outs: Sequence[Outcome]) -> dict:
     for o in outs:
         k = str(o.status) if o.status is not None else (o.error or "no answer")
         by_status[k] = by_status.get(k, 0) + 1
+    bad = [o.latency for o in outs if o.status != 200]
     return {"requests": len(outs), "ok": len(ok), "failed": len(outs) - len(ok), "by_status": by_status,
+            "failed_p95_s": _r(pct(bad, .95)), "failed_max_s": _r(max(bad) if bad else None),
             "ok_per_s": round(len(ok) / span, 2) if span else 0.0,
             "p50_s": _r(pct(lat, .5)), "p95_s": _r(pct(lat, .95)), "p99_s": _r(pct(lat, .99)),
             "max_s": _r(max(lat) if lat else None), "mixed_versions": sum(o.mixed for o in ok)}

@@ -67,7 +67,7 @@ def draw(panels: list[dict], out: Path, title: str) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("seconds since start of the load", fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
