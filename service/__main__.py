@@ -1,6 +1,7 @@
 """`python -m service`: run the gateway with uvicorn, settings from DBP_GATEWAY_* (HOST, PORT, ...)."""
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -11,6 +12,8 @@ def main() -> int:
     from .app.main import create_app
 
     settings = load_settings()  # SystemExit with a clear message on bad settings
+    level = "DEBUG" if settings.LOG_LEVEL == "trace" else settings.LOG_LEVEL.upper()
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(settings)
     # one worker: the in-flight bound and the metrics are per process (scale with more replicas)
     uvicorn.run(app, host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL, access_log=False,

@@ -121,7 +121,8 @@ class TritonPool:
             except Exception as e:  # noqa: BLE001 - any failure means "not ready", with its reason
                 reason = f"{type(e).__name__}: {e}"
             if ready != b.ready:
-                log.warning("Triton %s is now %s (%s)", b.url, "ready" if ready else "NOT ready", reason)
+                log.log(logging.INFO if ready else logging.WARNING, "Triton %s is now %s (%s)", b.url,
+                        "ready" if ready else "NOT ready", reason)
             b.ready, b.reason, b.pair, b.ensemble_ready = ready, reason, pair, ens
             b.checked_at = time.monotonic()
             self.metrics.backend_ready.labels(b.url).set(1 if ready else 0)

@@ -1,0 +1,225 @@
+"""Gateway overhead and throughput vs calling Triton directly, in one run on the same requests.
+
+  python benchmarks/bench_gateway.py                    # newest version pair of model_repository/
+  python benchmarks/bench_gateway.py --requests 128 --concurrency 16 --sequential 60
+
+Starts Triton (the project's launcher) on a throwaway copy of the repository holding only its newest
+purifier/classifier pair, and the gateway (`python -m service`, a real uvicorn) in front of it. The
+same image (a Fashion-MNIST test PNG, 28x28) with the same seed goes
+  * direct:  to the purify_classify ensemble over async gRPC, as the float32 [1, 1, 32, 32] tensor the
+             gateway would make of it (what a KServe client would send),
+  * gateway: POST /classify as a multipart file upload (decode, convert, two pinned calls, JSON).
+Low load: --sequential requests one at a time, alternating direct/gateway; overhead = gateway p50 -
+direct p50 (goal <= 5 ms or <= 5 %, whichever is larger). Concurrency: --requests requests from
+--concurrency concurrent clients, in --rounds rounds of direct, gateway, gateway, direct (drift cancels);
+goal >= 0.9x. Also reported: the purifier's mean batch size per phase (Triton statistics).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dbp.serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
+
+SAMPLE = ROOT / "service" / "app" / "static" / "samples" / "fashion-test-0000-ankle-boot.png"
+
+
+def newest_pair_repo(src: Path, dst: Path) -> int:
+    """dst = src's configs + the newest N with both purifier/N and classifier/N (weights, card, model.py)."""
+    both = set.intersection(*({int(d.name) for d in (src / m).iterdir() if d.name.isdigit()}
+                              for m in ("purifier", "classifier")))
+    if not both:
+        raise SystemExit(f"error: {src} has no purifier/N + classifier/N pair")
+    n = max(both)
+    shutil.copytree(src, dst, ignore=lambda d, names: [x for x in names if x.isdigit() and x != str(n)
+                                                       and Path(d).name in ("purifier", "classifier")])
+    return n
+
+
+def tensor(png: bytes) -> np.ndarray:
+    """The gateway's default conversion for a 28x28 L image: centred on a black 32x32 canvas."""
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float32) / 255.0
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    x[0, 0, 2:30, 2:30] = a
+    return x
+
+
+class Direct:
+    def __init__(self, grpc_url: str, x: np.ndarray, seed: int):
+        import tritonclient.grpc.aio as aio
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        self.client = aio.InferenceServerClient(grpc_url)
+        imgs, seeds = InferInput("IMAGES", list(x.shape), "FP32"), InferInput("SEED", [1, 1], "INT64")
+        imgs.set_data_from_numpy(x)
+        seeds.set_data_from_numpy(np.array([[seed]], np.int64))
+        self.inputs, self.outputs = [imgs, seeds], [InferRequestedOutput(o) for o in ("PROBS", "LABEL")]
+
+    async def __call__(self) -> int:
+        r = await self.client.infer("purify_classify", self.inputs, outputs=self.outputs)
+        return int(r.as_numpy("LABEL")[0, 0])
+
+
+class ViaGateway:
+    def __init__(self, url: str, png: bytes, seed: int, concurrency: int):
+        self.client = httpx.AsyncClient(base_url=url, timeout=300,
+                                        limits=httpx.Limits(max_connections=concurrency + 4))
+        self.png, self.seed = png, seed
+
+    async def __call__(self) -> int:
+        r = await self.client.post("/classify", params={"seed": self.seed},
+                                   files=[("images", ("sample.png", self.png, "image/png"))])
+        r.raise_for_status()
+        return r.json()["predictions"][0]["label"]
+
+
+async def timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    label = await fn()
+    return time.perf_counter() - t0, label
+
+
+async def closed_loop(fn, n: int, concurrency: int) -> float:
+    """n requests from `concurrency` clients that each send the next one when the last returns; req/s."""
+    left = n
+    start = asyncio.Event()
+
+    async def client():
+        nonlocal left
+        await start.wait()  # start together so Triton's dynamic batcher sees full batches from the start
+        while left > 0:
+            left -= 1
+            await fn()
+
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
+    await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    return n / (time.perf_counter() - t0)
+
+
+def start_gateway(grpc_url: str, repo: Path) -> tuple[subprocess.Popen, str]:
+    port = free_ports(1)[0]
+    env = {**os.environ, "DBP_GATEWAY_TRITON_URLS": grpc_url, "DBP_GATEWAY_PORT": str(port),
+           "DBP_GATEWAY_MODEL_REPOSITORY": str(repo), "DBP_GATEWAY_LOG_LEVEL": "warning",
+           "DBP_GATEWAY_MAX_IN_FLIGHT": "64"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("error: the gateway did not become ready")
+        time.sleep(0.3)
+
+
+def purifier_counts(http_url: str) -> tuple[int, int]:
+    """(images, executions) of the purifier so far: their ratio over a phase is its mean batch size."""
+    stats = httpx.get(f"http://{http_url}/v2/models/purifier/stats", timeout=10).json()["model_stats"]
+    return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))
+
+
+async def measure(args, grpc_url: str, gw_url: str, http_url: str) -> dict:
+    png = SAMPLE.read_bytes()
+    direct, gateway = Direct(grpc_url, tensor(png), args.seed), ViaGateway(gw_url, png, args.seed, args.concurrency)
+    try:
+        labels = {await direct(), await gateway()}  # warm-up, and both paths must agree on the answer
+        for _ in range(args.warmup):
+            await direct()
+            await gateway()
+        if len(labels) != 1:
+            raise SystemExit(f"error: direct and gateway disagree on the same seeded request: {labels}")
+        seq = {"direct": [], "gateway": []}
+        for i in range(args.sequential):
+            order = (("direct", direct), ("gateway", gateway)) if i % 2 == 0 else (("gateway", gateway),
+                                                                                  ("direct", direct))
+            for name, fn in order:
+                seq[name].append((await timed(fn))[0])
+        rates = {"direct": [], "gateway": []}
+        batch = {"direct": [], "gateway": []}
+        abba = (("direct", direct), ("gateway", gateway), ("gateway", gateway), ("direct", direct))
+        for name, fn in abba * args.rounds:
+            await closed_loop(fn, args.concurrency, args.concurrency)  # settle the batcher
+            n0, e0 = purifier_counts(http_url)
+            rates[name].append(await closed_loop(fn, args.requests, args.concurrency))
+            n1, e1 = purifier_counts(http_url)
+            batch[name].append((n1 - n0) / max(1, e1 - e0))
+    finally:
+        await direct.client.close()
+        await gateway.client.aclose()
+    p50 = {k: statistics.median(v) * 1000 for k, v in seq.items()}
+    p95 = {k: float(np.percentile(v, 95)) * 1000 for k, v in seq.items()}
+    overhead = p50["gateway"] - p50["direct"]
+    thr = {k: statistics.median(v) for k, v in rates.items()}
+    return {"p50_ms": p50, "p95_ms": p95, "overhead_p50_ms": overhead, "overhead_pct": 100 * overhead / p50["direct"],
+            "overhead_goal_ms": max(5.0, 0.05 * p50["direct"]), "throughput_rps": thr, "throughput_runs": rates,
+            "throughput_ratio": thr["gateway"] / thr["direct"], "label": labels.pop(),
+            "purifier_mean_batch": batch}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", default=str(ROOT / "model_repository"))
+    p.add_argument("--sequential", type=int, default=40, help="low-load requests per path")
+    p.add_argument("--requests", type=int, default=96, help="requests per concurrency measurement")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="direct/gateway/gateway/direct rounds at concurrency")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "gateway.json"))
+    args = p.parse_args(argv)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        repo = Path(tmp) / "model_repository"
+        version = newest_pair_repo(Path(args.repo), repo)
+        h, g, m = free_ports(3)
+        with TritonServer(ServerConfig(repo=str(repo), http_port=h, grpc_port=g, metrics_port=m,
+                                       run_dir=str(Path(tmp) / "run"), ready_timeout=600)) as triton:
+            gw, url = start_gateway(triton.grpc_url, repo)
+            try:
+                res = asyncio.run(measure(args, triton.grpc_url, url, triton.http_url))
+            finally:
+                gw.terminate()
+                gw.wait(30)
+    res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
+                "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args)})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    ok_o = res["overhead_p50_ms"] <= res["overhead_goal_ms"]
+    ok_t = res["throughput_ratio"] >= 0.9
+    print(f"version pair {version}; load {load_before[0]:.2f} -> {res['loadavg_after'][0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"low load p50: direct {res['p50_ms']['direct']:.1f} ms, gateway {res['p50_ms']['gateway']:.1f} ms -> "
+          f"overhead {res['overhead_p50_ms']:.2f} ms ({res['overhead_pct']:.1f} %), goal <= "
+          f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}")
+    print(f"concurrency {args.concurrency}: direct {res['throughput_rps']['direct']:.2f} req/s, gateway "
+          f"{res['throughput_rps']['gateway']:.2f} req/s -> {res['throughput_ratio']:.3f}x, goal >= 0.9x: "
+          f"{'OK' if ok_t else 'MISSED'}; purifier mean batch direct "
+          f"{statistics.mean(res['purifier_mean_batch']['direct']):.1f}, gateway "
+          f"{statistics.mean(res['purifier_mean_batch']['gateway']):.1f}")
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
