@@ -1,24 +1,36 @@
 """PGD under l_inf / l_2 on classifier(purify(x)), with the true gradient through every purification step.
 
 Settings (method.md §3, §4):
-  - stochastic white-box ("eot"): every PGD step averages the gradient over K purifications, each with
-    fresh forward and reverse noise. The K draws run as ONE batch of B*K rows (repeat_interleave of the
-    input), and the per-sample gradients are summed by autograd through the repeat.
+  - stochastic white-box ("eot"): every step averages the gradient over K purifications, each with fresh
+    forward and reverse noise. The K draws run as ONE batch of B*K rows (repeat_interleave of the input),
+    and the per-sample gradients are summed by autograd through the repeat.
   - DW-box ("dwbox"): all purifier noise is drawn once per batch and reused at every step (and, by
-    `dbp.robustness`, in the final evaluation); plain PGD, no EoT.
-  - a bare classifier (any nn.Module that is not a `Defense`) is attacked with plain PGD.
+    `dbp.robustness`, in the final evaluation); no EoT, the defence is a deterministic function.
+  - a bare classifier (any nn.Module that is not a `Defense`) is attacked like DW-box.
+
+Stronger attacks at the same budget (issue 9):
+  - best iterate (`keep="best"`, the default): every iterate is a candidate, scored by the fraction of its
+    purifications classified correctly. DW-box: the exact 0/1 outcome under the fixed noise, so a sample
+    counts as broken if ANY step fooled it. EoT: the K fresh purifications of its gradient step (or
+    `score_k` extra ones). Per sample the candidate with the lowest score wins, ties to the higher loss,
+    as Fixed-AutoAttack keeps the per-sample minimum. `keep="last"` is the paper's last iterate.
+  - `loss="dlr"`: the margin loss of Croce & Hein (2020), scale-free where CE saturates.
+  - `restarts` > 1: later runs start uniformly in the l_inf ball / uniformly in the l_2 ball and only
+    attack the samples not yet broken; `random_start` also randomises the first run (else delta = 0).
+  - `algorithm="apgd"`: APGD (dbp/apgd.py) through the same objective and noise machinery.
 
 Gradients are taken with `torch.autograd.grad` w.r.t. the input only and the model's parameters are
 frozen for the duration of the call, so no parameter gradient is ever computed or stored. Memory through
 the reverse chain is bounded by the per-UNet-call checkpointing in `Diffusion.purify`.
 
-  atk = PGD(Defense(purifier, classifier), AttackConfig(norm="linf", mode="eot", eot=10))
+  atk = build_attack(Defense(purifier, classifier), AttackConfig(norm="linf", mode="eot", eot=10))
   res = atk(x01, labels, generator=torch.Generator().manual_seed(0))
-  res.x_adv, res.loss   # adversarial images, per-sample CE per PGD step
+  res.x_adv, res.loss, res.score   # adversarial images, per-sample loss per step, attack's own accuracy estimate
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -31,27 +43,36 @@ from .models import Defense
 
 NORMS = ("linf", "l2")
 MODES = ("eot", "dwbox")
+LOSSES = ("ce", "dlr")
+ALGORITHMS = ("pgd", "apgd")
+KEEP = ("best", "last")
 # The paper's budgets in [0, 1] pixel units (method.md §3.1): (eps, step)
 PAPER_BUDGET = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}
 
 
 @dataclass
 class AttackConfig:
-    """One PGD setting. eps/step default to the paper's budget for the norm."""
+    """One attack setting. eps/step default to the paper's budget for the norm (APGD ignores `step`)."""
 
     norm: str = "linf"
     eps: Optional[float] = None
     step: Optional[float] = None
     steps: int = 20
-    eot: int = 10  # purification samples per PGD step (mode "eot"); DW-box always uses 1
+    eot: int = 10  # purification samples per step (mode "eot"); DW-box always uses 1
     mode: str = "eot"
     eot_batched: bool = True  # False: loop over the EoT samples one at a time (the reference code's way)
+    loss: str = "ce"
+    algorithm: str = "pgd"
+    keep: str = "best"  # "best": per-sample best iterate; "last": the final iterate (the paper's PGD)
+    restarts: int = 1
+    random_start: bool = False  # the first run starts at a random point too (later restarts always do)
+    score_k: int = 0  # mode "eot": fresh purifications scoring each candidate; 0 = the K draws of its step
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for field, allowed in (("norm", NORMS), ("mode", MODES), ("loss", LOSSES), ("algorithm", ALGORITHMS),
+                               ("keep", KEEP)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         eps, step = PAPER_BUDGET[self.norm]
         self.eps = eps if self.eps is None else float(self.eps)
         self.step = step if self.step is None else float(self.step)
@@ -59,19 +80,42 @@ class AttackConfig:
             raise ValueError(f"need eps >= 0 and step > 0, got eps={self.eps}, step={self.step}")
         if self.steps < 0 or self.eot < 1:
             raise ValueError(f"need steps >= 0 and eot >= 1, got steps={self.steps}, eot={self.eot}")
+        if self.restarts < 1 or self.score_k < 0:
+            raise ValueError(f"need restarts >= 1 and score_k >= 0, got {self.restarts}, {self.score_k}")
 
     @property
     def name(self) -> str:
         return f"{self.norm}-{self.mode}"
 
+    @property
+    def attack_name(self) -> str:
+        """e.g. 'apgd-dlr' or 'pgd-ce': the algorithm and its loss."""
+        return f"{self.algorithm}-{self.loss}"
+
 
 @dataclass
 class AttackResult:
-    x_adv: torch.Tensor  # [B, C, H, W] in [0, 1]
-    loss: torch.Tensor  # [B, steps]: CE at each PGD iterate (mean over the EoT draws)
+    x_adv: torch.Tensor  # [B, C, H, W] in [0, 1]: per sample the kept candidate (see AttackConfig.keep)
+    loss: torch.Tensor  # [B, steps]: the attack loss at each iterate of the first run (mean over EoT draws)
     zero_grad: torch.Tensor  # [B] bool: input gradient exactly zero at the first step
     noise: Optional[PurifyNoise]  # the fixed DW-box noise (reuse it for the final evaluation), else None
-    forward_passes: int  # defence forward passes per sample spent by the attack
+    forward_passes: int  # defence forward passes spent on a sample attacked in every run (an upper bound)
+    # The attack's own estimate of the accuracy at x_adv: DW-box / bare the exact 0/1 outcome; EoT the
+    # fraction of the scoring draws (biased low by the selection: report a fresh evaluation instead).
+    # None when nothing was scored (keep="last" with one run).
+    score: Optional[torch.Tensor] = None
+    x_last: Optional[torch.Tensor] = None  # [B, C, H, W]: the final iterate of the first run
+    best_step: Optional[torch.Tensor] = None  # [B] long: iterate index of x_adv (0 = the start point)
+    best_restart: Optional[torch.Tensor] = None  # [B] long: the run x_adv came from
+
+
+@dataclass
+class Probe:
+    """The attack objective at one point: what every algorithm needs from the defence."""
+
+    loss: torch.Tensor  # [B] attack loss, mean over the draws
+    grad: Optional[torch.Tensor]  # [B, C, H, W] input gradient summed over the draws (None if not asked)
+    correct: torch.Tensor  # [B] float: fraction of the draws classified correctly
 
 
 @contextlib.contextmanager
@@ -91,18 +135,167 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
             m.train(t)
 
 
-class PGD:
-    """Projected gradient ascent on the cross-entropy, delta starting at 0, box [0, 1]."""
+# ---- losses ----------------------------------------------------------------------------------------------
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B] difference-of-logits-ratio (Croce & Hein 2020): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3).
+
+    Invariant to shifting and scaling the logits, so it keeps a gradient where softmax CE saturates.
+    """
+    if logits.shape[1] < 3:
+        raise ValueError(f"DLR needs at least 3 classes, got {logits.shape[1]}")
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    top = logits.topk(3, dim=1).values
+    return -(z_y - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def attack_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B] per-sample loss the attack ascends."""
+    if name == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if name == "dlr":
+        return dlr_loss(logits, y)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+# ---- geometry ----------------------------------------------------------------------------------------------
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def direction(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit size: sign(g) for l_inf, g/||g||_2 per sample for l_2."""
+    if norm == "linf":
+        return g.sign()
+    return g / (_per_sample(g.flatten(1).norm(dim=1), g) + 1e-10)
+
+
+def project(x: torch.Tensor, delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """delta onto the eps-ball of the norm, then onto the box: x + delta in [0, 1]."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        delta = delta * _per_sample((eps / norms).clamp(max=1.0), delta)
+    # clamping x + delta only shrinks |delta_i|, so the norm bound still holds afterwards
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def random_start(x: torch.Tensor, norm: str, eps: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """A start delta: uniform in the l_inf cube, or uniform in the l_2 ball (direction on the sphere,
+    radius eps * u^(1/d)); then projected onto the box."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+    else:
+        d = torch.randn(x.shape, generator=generator, device=x.device)
+        u = torch.rand(len(x), generator=generator, device=x.device)
+        radius = eps * u.pow(1.0 / x[0].numel())
+        delta = d * _per_sample(radius / d.flatten(1).norm(dim=1).clamp_min(1e-12), d)
+    return project(x, delta, norm, eps)
+
+
+# ---- the objective: one place for EoT, fixed noise and the loss -----------------------------------------------
+
+class Objective:
+    """Loss, summed input gradient and fraction correct of `model` at x, under the config's setting."""
 
     def __init__(self, model: nn.Module, cfg: AttackConfig):
         self.model, self.cfg = model, cfg
         self.purifier = model.purifier if isinstance(model, Defense) else None
         self.classifier = model.classifier if isinstance(model, Defense) else model
+        self.passes = 0  # defence forward passes per sample so far (the driver resets it per attack)
+
+    @property
+    def randomized(self) -> bool:
+        """True when every evaluation redraws the purifier noise (stochastic white-box)."""
+        return self.purifier is not None and self.cfg.mode == "eot"
+
+    @property
+    def eot_samples(self) -> int:
+        return self.cfg.eot if self.randomized else 1
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: Optional[PurifyNoise],
+                 generator: Optional[torch.Generator], *, grad: bool = True, k: Optional[int] = None) -> Probe:
+        k = self.eot_samples if k is None else (k if self.randomized else 1)
+        self.passes += k
+        x_in = x.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            if not self.randomized:
+                logits = self.classifier(x_in) if self.purifier is None else self.model(x_in, noise=noise)
+                loss = attack_loss(self.cfg.loss, logits, y)
+                correct = (logits.argmax(1) == y).float()
+                g = torch.autograd.grad(loss.sum(), x_in)[0] if grad else None
+                return Probe(loss.detach(), g, correct)
+            # one draw for all K samples: the batched and the looped variant consume identical noise
+            eot_noise = self.purifier.sample_noise(x_in.detach().repeat_interleave(k, 0), generator)
+            if self.cfg.eot_batched:
+                # row b*K + j is draw j of sample b; the repeat's backward sums the K gradients per sample
+                logits = self.model(x_in.repeat_interleave(k, 0), noise=eot_noise)
+                loss = attack_loss(self.cfg.loss, logits, y.repeat_interleave(k))
+                correct = (logits.argmax(1) == y.repeat_interleave(k)).float().view(-1, k).mean(1)
+                g = torch.autograd.grad(loss.sum(), x_in)[0] if grad else None
+                return Probe(loss.detach().view(-1, k).mean(1), g, correct)
+            g = torch.zeros_like(x_in) if grad else None
+            loss_sum, hits = torch.zeros(len(x_in), device=x.device), torch.zeros(len(x_in), device=x.device)
+            for j in range(k):  # draw j of the repeat_interleave(k) layout: rows j, j+k, j+2k, ...
+                logits = self.model(x_in, noise=eot_noise[j::k])
+                loss = attack_loss(self.cfg.loss, logits, y)
+                if grad:
+                    g += torch.autograd.grad(loss.sum(), x_in)[0]
+                loss_sum += loss.detach()
+                hits += (logits.argmax(1) == y).float()
+            return Probe(loss_sum / k, g, hits / k)
+
+
+class BestTracker:
+    """Per-sample best candidate: lowest score (fraction correct), ties broken by the higher loss."""
+
+    def __init__(self, x: torch.Tensor):
+        b = len(x)
+        self.x = x.clone()
+        self.score = torch.full((b,), float("inf"), device=x.device)
+        self.loss = torch.full((b,), float("-inf"), device=x.device)
+        self.step = torch.full((b,), -1, dtype=torch.long, device=x.device)
+        self.restart = torch.full((b,), -1, dtype=torch.long, device=x.device)
+
+    def update(self, rows: torch.Tensor, x: torch.Tensor, score: torch.Tensor, loss: torch.Tensor,
+               step: int, restart: int) -> None:
+        s, l_ = self.score[rows], self.loss[rows]
+        better = (score < s) | ((score == s) & (loss > l_))
+        r = rows[better]
+        self.x[r] = x[better].detach()
+        self.score[r], self.loss[r] = score[better], loss[better]
+        self.step[r], self.restart[r] = step, restart
+
+
+@dataclass
+class RunOutput:
+    x_last: torch.Tensor  # [b, ...] final iterate
+    loss: torch.Tensor  # [b, steps] loss at iterates 0..steps-1
+    zero_grad: torch.Tensor  # [b] bool
+
+
+class Attack:
+    """Shared driver: input checks, frozen model, DW-box noise, restarts and the per-sample best candidate.
+
+    Subclasses implement `run`: one optimisation from a start point, offering each iterate to `offer`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: AttackConfig):
+        self.model, self.cfg = model, cfg
+        self.objective = Objective(model, cfg)
+        self.purifier, self.classifier = self.objective.purifier, self.objective.classifier
 
     @property
     def eot_samples(self) -> int:
         """Purifications per step: K in the stochastic setting, 1 for DW-box and for a bare classifier."""
-        return self.cfg.eot if (self.purifier is not None and self.cfg.mode == "eot") else 1
+        return self.objective.eot_samples
+
+    @property
+    def scores_candidates(self) -> bool:
+        return self.cfg.keep == "best" or self.cfg.restarts > 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, noise: Optional[PurifyNoise] = None,
                  generator: Optional[torch.Generator] = None) -> AttackResult:
@@ -110,65 +303,92 @@ class PGD:
             raise ValueError(f"expected x [B,C,H,W] and y [B], got {tuple(x.shape)} and {tuple(y.shape)}")
         if self.purifier is not None and self.cfg.mode == "dwbox" and noise is None:
             noise = self.purifier.sample_noise(x, generator)
+        if noise is not None and len(noise) != len(x):
+            raise ValueError(f"noise is for {len(noise)} images, x has {len(x)}")
         x = x.detach().clone() if x.is_inference() else x.detach()  # inference tensors cannot enter autograd
         with frozen_eval(self.model), torch.enable_grad():
-            return self.forward(x, y, noise, generator)
+            return self._restarts(x, y, noise if self.cfg.mode == "dwbox" else None, generator)
 
-    # ---- the algorithm -------------------------------------------------------------------------------
-    def forward(self, x, y, noise, generator) -> AttackResult:
-        delta = torch.zeros_like(x)
+    def _restarts(self, x, y, noise, generator) -> AttackResult:
+        cfg = self.cfg
+        best = BestTracker(x)
+        first: Optional[RunOutput] = None
+        all_rows = torch.arange(len(x), device=x.device)
+        self.objective.passes = 0
+        for r in range(cfg.restarts):
+            # later runs only attack what is not broken yet (a DW-box score of 0 is final)
+            rows = all_rows if r == 0 else all_rows[best.score > 0]
+            if len(rows) == 0:
+                break
+            xs, ys = x[rows], y[rows]
+            ns = None if noise is None else noise[rows]
+            start = random_start(xs, cfg.norm, cfg.eps, generator) if (r > 0 or cfg.random_start) \
+                else torch.zeros_like(xs)
+            offer = functools.partial(self._offer, best, rows, ys, ns, generator, r)
+            out = self.run(xs, ys, start, ns, generator, offer)
+            first = out if r == 0 else first
+        passes = self.objective.passes
+        if not self.scores_candidates:  # the paper's PGD: the last iterate, nothing scored
+            return AttackResult(first.x_last, first.loss, first.zero_grad, noise, passes, x_last=first.x_last)
+        return AttackResult(best.x, first.loss, first.zero_grad, noise, passes, score=best.score,
+                            x_last=first.x_last, best_step=best.step, best_restart=best.restart)
+
+    def _offer(self, best: BestTracker, rows, y, noise, generator, restart: int, x_cand: torch.Tensor,
+               probe: Probe, step: int, final: bool = False) -> None:
+        """Let one iterate compete for its samples' best candidate."""
+        if self.cfg.keep == "last" and not final:
+            return
+        score = probe.correct
+        if self.cfg.score_k and self.objective.randomized:
+            score = self.objective(x_cand, y, noise, generator, grad=False, k=self.cfg.score_k).correct
+        best.update(rows, x_cand, score, probe.loss, step, restart)
+
+    def final_probe(self, x, y, noise, generator) -> Optional[Probe]:
+        """The last iterate has no gradient step of its own: probe it (no grad) only if it is scored."""
+        return self.objective(x, y, noise, generator, grad=False) if self.scores_candidates else None
+
+    def run(self, x, y, delta0, noise, generator, offer) -> RunOutput:
+        raise NotImplementedError
+
+
+class PGD(Attack):
+    """Projected gradient ascent with a fixed step, box [0, 1] (the paper's attack with keep="last")."""
+
+    def run(self, x, y, delta0, noise, generator, offer) -> RunOutput:
+        cfg = self.cfg
+        delta = delta0
         losses, zero_grad = [], torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for i in range(self.cfg.steps):
-            loss, g = self.gradient(x + delta, y, noise, generator)
-            losses.append(loss)
+        for i in range(cfg.steps):
+            probe = self.objective(x + delta, y, noise, generator)
+            losses.append(probe.loss)
+            offer(x + delta, probe, i)
             if i == 0:
-                zero_grad = g.flatten(1).abs().amax(1) == 0
-            delta = self.project(x, delta + self.cfg.step * self.direction(g))
+                zero_grad = probe.grad.flatten(1).abs().amax(1) == 0
+            delta = project(x, delta + cfg.step * direction(probe.grad, cfg.norm), cfg.norm, cfg.eps)
+        x_last = (x + delta).detach()
+        probe = self.final_probe(x_last, y, noise, generator)
+        if probe is not None:
+            offer(x_last, probe, cfg.steps, final=True)
         loss = torch.stack(losses, 1) if losses else x.new_zeros(len(x), 0)
-        return AttackResult((x + delta).detach(), loss, zero_grad,
-                            noise if self.cfg.mode == "dwbox" else None, self.cfg.steps * self.eot_samples)
+        return RunOutput(x_last, loss, zero_grad)
 
-    def direction(self, g: torch.Tensor) -> torch.Tensor:
-        if self.cfg.norm == "linf":
-            return g.sign()
-        norms = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
-        return g / (norms + 1e-10)
-
-    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Onto the eps-ball of the norm, then onto the box: x + delta in [0, 1]."""
-        eps = self.cfg.eps
-        if self.cfg.norm == "linf":
-            delta = delta.clamp(-eps, eps)
-        else:
-            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-            delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
-        # clamping x + delta only shrinks |delta_i|, so the norm bound still holds afterwards
-        return (x + delta).clamp(0.0, 1.0) - x
-
-    # ---- gradient of the (EoT) loss w.r.t. the input --------------------------------------------------
+    # kept for callers and tests that take one EoT gradient directly
     def gradient(self, x_in: torch.Tensor, y: torch.Tensor, noise: Optional[PurifyNoise],
                  generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-sample CE averaged over the draws [B], summed input gradient [B,C,H,W])."""
-        x_in = x_in.detach().requires_grad_(True)
-        k = self.eot_samples
-        if self.purifier is None:
-            ce = F.cross_entropy(self.classifier(x_in), y, reduction="none")
-            return ce.detach(), torch.autograd.grad(ce.sum(), x_in)[0]
-        if self.cfg.mode == "dwbox":
-            ce = F.cross_entropy(self.model(x_in, noise=noise), y, reduction="none")
-            return ce.detach(), torch.autograd.grad(ce.sum(), x_in)[0]
-        # one draw for all K samples: the batched and the looped variant consume identical noise
-        eot_noise = self.purifier.sample_noise(x_in.detach().repeat_interleave(k, 0), generator)
-        if self.cfg.eot_batched:
-            # row b*K + j is draw j of sample b; the repeat's backward sums the K gradients per sample
-            logits = self.model(x_in.repeat_interleave(k, 0), noise=eot_noise)
-            ce = F.cross_entropy(logits, y.repeat_interleave(k), reduction="none")
-            g = torch.autograd.grad(ce.sum(), x_in)[0]
-            return ce.detach().view(-1, k).mean(1), g
-        g, ce_sum = torch.zeros_like(x_in), torch.zeros(len(x_in), device=x_in.device)
-        for j in range(k):
-            # draw j of the repeat_interleave(k) layout: rows j, j+k, j+2k, ...
-            ce = F.cross_entropy(self.model(x_in, noise=eot_noise[j::k]), y, reduction="none")
-            g += torch.autograd.grad(ce.sum(), x_in)[0]
-            ce_sum += ce.detach()
-        return ce_sum / k, g
+        """(per-sample loss averaged over the draws [B], summed input gradient [B,C,H,W])."""
+        probe = self.objective(x_in, y, noise, generator)
+        return probe.loss, probe.grad
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        return direction(g, self.cfg.norm)
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return project(x, delta, self.cfg.norm, self.cfg.eps)
+
+
+def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:
+    """The attack object for cfg.algorithm: PGD or APGD."""
+    if cfg.algorithm == "apgd":
+        from .apgd import APGD  # apgd builds on this module
+        return APGD(model, cfg)
+    return PGD(model, cfg)

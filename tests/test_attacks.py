@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbp.attacks import PGD, AttackConfig, frozen_eval
+from dbp.attacks import PGD, AttackConfig, dlr_loss, frozen_eval, random_start
 from dbp.models import Defense, Purifier
+from dbp.robustness import single_shot
 
 N_IMG = 3
 
@@ -45,12 +46,16 @@ def test_projection_keeps_norm_ball_and_pixel_box(defense, batch, norm):
     # step == eps pushes every iterate onto the boundary, so the projection is exercised, not idle
     eps = 8 / 255 if norm == "linf" else 0.5
     res = PGD(defense, AttackConfig(norm=norm, eps=eps, step=eps, steps=3, mode="dwbox"))(x, y, generator=gen())
-    delta = (res.x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-    assert (size <= eps + 1e-6).all(), size
-    assert size.min() > 0.5 * eps  # the attack moved
-    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
-    assert res.loss.shape == (N_IMG, 3) and res.forward_passes == 3
+    moved = res.best_step > 0  # the kept best point may be the start itself
+    assert moved.any()
+    for x_adv, x0 in ((res.x_last, x), (res.x_adv[moved], x[moved])):
+        delta = (x_adv - x0).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert (size <= eps + 1e-6).all(), size
+        assert size.min() > 0.5 * eps  # the attack moved
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # the best iterate costs one extra forward pass: the final iterate is scored too
+    assert res.loss.shape == (N_IMG, 3) and res.forward_passes == 4
 
 
 def test_dwbox_is_deterministic(defense, batch):
@@ -69,7 +74,7 @@ def test_dwbox_is_deterministic(defense, batch):
 def test_eot_k1_equals_plain_pgd_reference_loop(defense, batch):
     x, y = batch
     steps, eps, step = 3, 8 / 255, 2 / 255
-    res = PGD(defense, AttackConfig(norm="linf", steps=steps, eot=1, mode="eot"))(x, y, generator=gen(3))
+    res = PGD(defense, AttackConfig(norm="linf", steps=steps, eot=1, mode="eot", keep="last"))(x, y, generator=gen(3))
 
     g = gen(3)  # the straightforward way: purify with fresh noise each step, CE, sign step, clip
     delta = torch.zeros_like(x)
@@ -146,3 +151,107 @@ def test_zero_gradients_are_reported(batch):
 
     res = PGD(Saturated(), AttackConfig(steps=1))(x, y)
     assert res.zero_grad.all()
+
+
+# ---- best iterate, DLR, restarts (issue 9) --------------------------------------------------------------------
+
+class Recording(nn.Module):
+    """Wraps a classifier and keeps every forward pass's predictions: what the attack saw at each iterate."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.preds = inner, []
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.preds.append(out.argmax(1).detach())
+        return out
+
+
+def test_dlr_loss_is_the_normalised_margin():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 5.0]])
+    y = torch.tensor([0, 1])
+    # sample 0: correct, margin 3-1 = 2 over top1-top3 = 3-0; sample 1: wrong, margin 2-5 over 5-1
+    assert torch.allclose(dlr_loss(logits, y), torch.tensor([-2 / 3, 3 / 4]))
+    assert torch.allclose(dlr_loss(7 * logits + 2, y), dlr_loss(logits, y))  # shift and scale free
+    with pytest.raises(ValueError, match="3 classes"):
+        dlr_loss(logits[:, :2], y)
+    with pytest.raises(ValueError, match="loss"):
+        AttackConfig(loss="hinge")
+
+
+def test_best_iterate_counts_a_sample_broken_at_any_step(tiny_models, fashion_test):
+    """Bare classifier (deterministic, like DW-box): score 0 exactly when some iterate fooled it, and the
+    kept image is one that fools it; best <= last on the same run."""
+    _, classifier = tiny_models
+    x, y = fashion_test.float01(slice(0, 64)), fashion_test.labels[:64]
+    rec = Recording(classifier)
+    # a large DLR step makes PGD overshoot, so iterates that fooled the model are left behind
+    res = PGD(rec, AttackConfig(norm="linf", step=8 / 255, steps=10, loss="dlr"))(x, y)
+    assert len(rec.preds) == 11  # 10 gradient steps + the final iterate, each scored once
+    fooled_at_some_step = torch.stack([p != y for p in rec.preds]).any(0)
+    assert torch.equal(res.score == 0, fooled_at_some_step)
+    with torch.no_grad():
+        best = (classifier(res.x_adv).argmax(1) == y).float()
+        last = (classifier(res.x_last).argmax(1) == y).float()
+    assert torch.equal(best, res.score)
+    assert best.mean() <= last.mean()
+    assert fooled_at_some_step.sum() > (last == 0).sum() or torch.equal(best, last)
+    delta = (res.x_adv - x).abs().flatten(1).amax(1)
+    assert (delta <= 8 / 255 + 1e-6).all()
+
+
+def test_dwbox_best_iterate_score_is_the_fixed_noise_outcome(defense, batch):
+    x, y = batch
+    res = PGD(defense, AttackConfig(norm="linf", eps=0.1, step=0.05, steps=3, mode="dwbox"))(x, y, generator=gen(5))
+    with torch.no_grad():  # the deterministic defence agrees with the attack's own bookkeeping
+        assert torch.equal(single_shot(defense, res.x_adv, y, noise=res.noise).float(), res.score)
+        last = single_shot(defense, res.x_last, y, noise=res.noise).float()
+    assert res.score.mean() <= last.mean()
+    assert ((res.best_step >= 0) & (res.best_step <= 3)).all()
+
+
+class RecordingDefense(Defense):
+    """A Defense that keeps the per-row correctness of every forward pass (rows b*K + j)."""
+
+    def __init__(self, purifier, classifier, y, k):
+        super().__init__(purifier, classifier)
+        self.y, self.k, self.frac = y, k, []
+
+    def forward(self, x01, noise=None, generator=None):
+        out = super().forward(x01, noise=noise, generator=generator)
+        self.frac.append((out.argmax(1) == self.y.repeat_interleave(self.k)).float().view(-1, self.k).mean(1))
+        return out
+
+
+def test_eot_best_iterate_keeps_the_per_sample_minimum(defense, batch):
+    """Stochastic setting: every iterate is scored by the K fresh purifications of its step, and per
+    sample the lowest-scoring candidate is kept (Fixed-AutoAttack's minimum)."""
+    x, y = batch
+    k = 3
+    rec = RecordingDefense(defense.purifier, defense.classifier, y, k)
+    res = PGD(rec, AttackConfig(norm="linf", eps=0.1, step=0.05, steps=3, eot=k))(x, y, generator=gen(6))
+    frac = torch.stack(rec.frac)  # [steps + 1, B]
+    assert frac.shape == (4, len(x))
+    assert torch.equal(res.score, frac.min(0).values)
+    assert torch.equal(frac[res.best_step, torch.arange(len(x))], res.score)
+    assert res.forward_passes == 4 * k
+
+
+def test_restarts_start_in_the_ball_and_never_lose_a_broken_sample(tiny_models, fashion_test):
+    _, classifier = tiny_models
+    x, y = fashion_test.float01(slice(0, 32)), fashion_test.labels[:32]
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        g = gen(7)
+        start = random_start(x, norm, eps, g)
+        size = start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)
+        assert (size <= eps + 1e-6).all() and size.min() > 0
+        assert ((x + start) >= 0).all() and ((x + start) <= 1).all()
+        one = PGD(classifier, AttackConfig(norm=norm, steps=5))(x, y)
+        three = PGD(classifier, AttackConfig(norm=norm, steps=5, restarts=3))(x, y, generator=gen(8))
+        # the first run is the same (delta = 0), later runs only add candidates
+        assert torch.equal(one.loss, three.loss)
+        assert (three.score <= one.score).all()
+        assert three.best_restart.max() <= 2
+        with torch.no_grad():
+            assert torch.equal((classifier(three.x_adv).argmax(1) == y).float(), three.score)
