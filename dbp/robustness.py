@@ -7,6 +7,10 @@ Protocols (method.md §3.4, §6):
     is the fraction classified correctly, the accuracy is the mean score (no majority vote).
   - bare classifier: clean accuracy, and robust accuracy under PGD without the purifier, which must
     collapse at the paper's eps or the attack (not the defence) is broken.
+  - DW-box images under fresh noise (`fresh_noise_correct`): the served setting, where the attacker does
+    not get the defender's noise.
+  - worst case over attacks (`worst_case`): per image the minimum over every attack that ran, as
+    Fixed-AutoAttack keeps the per-sample minimum.
 
 Flags follow AutoAttack's checks.py; docs/robustness-flags.md says what each means and what to do.
 """
@@ -14,12 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .attacks import PAPER_BUDGET, PGD, AttackConfig
+from .attacks import PAPER_BUDGET, PGD, AttackConfig, AttackResult
 from .diffusion import PurifyNoise
 from .models import Defense
 
@@ -63,6 +67,62 @@ def is_randomized(defense: nn.Module, x: torch.Tensor, runs: int = 3, tol: float
     kw = {"generator": generator} if isinstance(defense, Defense) else {}
     first = defense(x, **kw)
     return any((defense(x, **kw) - first).abs().max().item() > tol for _ in range(runs - 1))
+
+
+@torch.inference_mode()
+def fresh_noise_correct(defense: Defense, x_adv: torch.Tensor, y: torch.Tensor, *, k: int = 0,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Adversarial images (e.g. DW-box ones) under fresh purifier noise, the setting a server runs:
+    [B] bool single-shot (k = 0) or [B] float expected accuracy over k purifications."""
+    if k > 0:
+        return expected_correct(defense, x_adv, y, k, generator=generator)
+    return single_shot(defense, x_adv, y, generator=generator)
+
+
+def adversarial_correct(model: nn.Module, res: AttackResult, y: torch.Tensor, *, k: int = 0,
+                        generator: Optional[torch.Generator] = None,
+                        noise: Optional[PurifyNoise] = None) -> torch.Tensor:
+    """Per-image outcome of an attack in its own setting: DW-box (`noise`, else the attack's fixed noise)
+    single-shot with that noise; a randomized defence under fresh noise (k > 0: expected accuracy); a
+    bare classifier single-shot."""
+    noise = noise if noise is not None else res.noise
+    if not isinstance(model, Defense):
+        return single_shot(model, res.x_adv, y)
+    if noise is not None:
+        return single_shot(model, res.x_adv, y, noise=noise)
+    return fresh_noise_correct(model, res.x_adv, y, k=k, generator=generator)
+
+
+@dataclass
+class WorstCase:
+    """Per image the minimum over attacks: `correct` [B] float (1/0, or a fraction for expected accuracy)
+    and the name of the attack that reached it (the first listed on ties)."""
+
+    correct: torch.Tensor
+    by: list[str]
+    names: list[str]
+
+    @property
+    def acc(self) -> float:
+        return float(self.correct.float().mean())
+
+    def to_dict(self) -> dict:
+        return {**summarize(self.correct, "per-image minimum over attacks: " + ", ".join(self.names)),
+                "per_image": [float(v) for v in self.correct], "per_image_attack": self.by}
+
+
+def worst_case(outcomes: Mapping[str, torch.Tensor]) -> WorstCase:
+    """Combine per-image outcomes ([B] bool or float each, same images in the same order) of several
+    attacks into the per-image worst case."""
+    if not outcomes:
+        raise ValueError("worst_case needs at least one attack's outcomes")
+    names = list(outcomes)
+    flat = {n: torch.as_tensor(outcomes[n]).float().flatten().cpu() for n in names}
+    if len({len(v) for v in flat.values()}) != 1:
+        raise ValueError(f"outcomes cover different numbers of images: { {n: len(v) for n, v in flat.items()} }")
+    stack = torch.stack([flat[n] for n in names])
+    low, idx = stack.min(0)  # min returns the first index on ties
+    return WorstCase(low, [names[i] for i in idx.tolist()], names)
 
 
 def bare_attack_config(norm: str, steps: int = 20) -> AttackConfig:
@@ -124,9 +184,13 @@ class Flag:
     raised: bool
     value: object
     detail: str
+    outcomes: Optional[dict] = None  # per-image tensors ([B]) a card may keep, e.g. {"correct": ...}
 
     def to_dict(self) -> dict:
-        return {"raised": self.raised, "value": self.value, "detail": self.detail}
+        d = {"raised": self.raised, "value": self.value, "detail": self.detail}
+        if self.outcomes:
+            d["per_image"] = {k: torch.as_tensor(t).flatten().cpu().tolist() for k, t in self.outcomes.items()}
+        return d
 
 
 FLAG_NAMES = ("robust_above_clean", "zero_gradients", "randomness_without_eot", "bare_not_collapsed")
