@@ -5,11 +5,11 @@ endpoint (nv_inference_request_success), not from the gateway.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy_support import ROOT
 from helpers import FAST_PURIFIER, running_triton
 
-# the gateway helper's launcher for `python -m service` on a free port (tests/service/conftest.py), reused as is
-_spec = importlib.util.spec_from_file_location("_gateway_launcher", ROOT / "tests" / "service" / "conftest.py")
-_launcher = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_launcher)
-Gateway = _launcher.Gateway
+# the gateway tests' wrapper for `python -m service` on a free port (tests/service/gateway_testing.py)
+if str(ROOT / "tests" / "service") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests" / "service"))
+from gateway_testing import Gateway  # noqa: E402
 
 # 5xx answers tolerated while the gateway notices a killed backend (its pool retries a request on the next
 # backend when the chosen one is UNAVAILABLE, so 0 is expected)
