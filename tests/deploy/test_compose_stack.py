@@ -46,13 +46,18 @@ def services(compose) -> dict:
 
 
 def container_path_to_host(service: dict, container_path: str) -> Path:
-    """The host path a bind mount of `service` maps `container_path` to."""
+    """The host path a bind mount of `service` maps `container_path` to (the deepest mount wins, as in the
+    container)."""
+    best = None
     for v in service.get("volumes", []):
         target = v["target"] if isinstance(v, dict) else v.split(":")[1]
         source = v["source"] if isinstance(v, dict) else v.split(":")[0]
         if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
-            return Path(source) / os.path.relpath(container_path, target)
-    raise AssertionError(f"{container_path} is not under any bind mount of the service")
+            if best is None or len(target) > len(best[0]):
+                best = (target, source)
+    assert best is not None, f"{container_path} is not under any mount of the service"
+    assert best[1].startswith("/"), f"{container_path} lies in the named volume {best[1]}, not a bind mount"
+    return Path(best[1]) / os.path.relpath(container_path, best[0])
 
 
 def bind_mounts(service: dict) -> list[tuple[Path, str]]:
