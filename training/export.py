@@ -12,6 +12,8 @@ if present, else the raw weights; never the optimizer). Version dirs beyond the 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +45,7 @@ def check_checkpoint(path: Path, role: str) -> dict:
     return meta
 
 
-def check_models_load(purifier: Path, classifier: Path) -> None:
+def check_models_load(purifier: Path, classifier: Path):
     """Load both exactly as the server will, so a broken pair fails here and not at Triton load time."""
     from dbp.models import load_classifier, load_unet
     try:
@@ -54,6 +56,26 @@ def check_models_load(purifier: Path, classifier: Path) -> None:
     c_pur, c_cls = int(eps.unet.config.in_channels), len(cls.normalize.mean.reshape(-1))
     if c_pur != c_cls:
         raise ExportError(f"the purifier works on {c_pur}-channel images but the classifier on {c_cls}")
+    return eps, cls
+
+
+def check_interface(repo: Path, eps, cls) -> None:
+    """The ensemble's config names the pair's interface for the gateway (service/): `image_shape` "C,H,W" and
+    `class_names`. A pair that does not match would be served with the wrong conversion or names."""
+    import torch
+    cfg = repo / "purify_classify" / repository.CONFIG_FILE
+    text = cfg.read_text() if cfg.exists() else ""
+    c, size = int(eps.unet.config.in_channels), int(eps.unet.config.sample_size)
+    m = re.search(r'key: "image_shape" value: \{ string_value: "([^"]*)" \}', text)
+    if m and tuple(int(x) for x in m.group(1).split(",")) != (c, size, size):
+        raise ExportError(f"{cfg} says image_shape {m.group(1)} but the purifier takes {c},{size},{size}")
+    m = re.search(r'key: "class_names" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)
+    if m:
+        names = json.loads(m.group(1).replace('\\"', '"'))
+        with torch.no_grad():
+            n = int(cls(torch.zeros(1, c, size, size)).shape[1])
+        if len(names) != n:
+            raise ExportError(f"{cfg} names {len(names)} classes but the classifier has {n} outputs")
 
 
 def check_card(card_path: Path, purifier: Path, classifier: Path) -> dict:
@@ -78,7 +100,7 @@ def export(purifier: str | Path, classifier: str | Path, card: str | Path,
         check_checkpoint(purifier, "purifier")
         check_checkpoint(classifier, "classifier")
         check_card(card, purifier, classifier)
-        check_models_load(purifier, classifier)
+        check_interface(repo, *check_models_load(purifier, classifier))
         return repository.publish(repo, {"purifier": purifier, "classifier": classifier}, card)
     except RepositoryError as e:
         raise ExportError(str(e)) from None

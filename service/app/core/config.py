@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     # --- limits ------------------------------------------------------------------------------------
     MAX_IN_FLIGHT: int = Field(32, ge=1, le=100_000, description="concurrent /classify + /purify; more get 429")
     MAX_BODY_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=1 << 31)
-    MAX_PIXELS: int = Field(16_000_000, ge=1, le=1 << 31, description="per image, checked before decoding")
+    MAX_PIXELS: int = Field(4_194_304, ge=1, le=1 << 31, description="per image (2048x2048 by default), checked "
+                            "before decoding: a decoded image costs up to 4 bytes per pixel")
     MAX_IMAGES: int = Field(16, ge=1, le=4096, description="per request (also capped by Triton's max_batch_size)")
     MAX_VOTES: int = Field(16, ge=1, le=1024, description="upper bound; the models' own max_votes may be lower")
 
