@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .attacks import Attack, RunOutput, direction, project
+from .attacks import Attack, AttackConfig, RunOutput, direction, project
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -97,3 +97,12 @@ class APGD(Attack):
                 last_w = w
         loss = torch.stack(losses, 1)
         return RunOutput(x_cur.detach(), loss, zero_grad)
+
+
+def rand_version(norm: str, *, eps: float | None = None, steps: int = 100, eot: int = 20,
+                 mode: str = "eot") -> list[AttackConfig]:
+    """AutoAttack's `rand` version for randomized defences: APGD-CE then APGD-DLR, EoT per step, one run
+    each (AutoAttack's defaults: 100 steps, EoT 20). Report the per-image minimum over both
+    (`dbp.robustness.worst_case`)."""
+    return [AttackConfig(norm=norm, eps=eps, steps=steps, eot=eot, mode=mode, algorithm="apgd", loss=loss)
+            for loss in ("ce", "dlr")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbp.apgd import APGD, checkpoints
+from dbp.apgd import APGD, checkpoints, rand_version
 from dbp.attacks import PGD, AttackConfig, build_attack
 from dbp.models import Defense, Purifier
 from dbp.robustness import mean_interval, single_shot
@@ -74,3 +74,23 @@ def test_apgd_eot_is_reproducible_and_uses_the_batched_draws(defense, fashion_te
     assert not torch.equal(a.x_last, c.x_last)  # the noise matters: the check can fail
     assert a.forward_passes == 4 * 2 and a.noise is None
     assert set(a.score.tolist()) <= {0.0, 0.5, 1.0}  # fractions of the K = 2 draws
+
+
+def test_dwbox_restarts_keep_each_image_with_its_own_noise(defense, fashion_test):
+    """Later runs attack a subset of the images: each must keep its own rows of the fixed noise, so the
+    attack's scores agree with an evaluation of the whole batch under the full noise."""
+    x, y = fashion_test.float01(slice(0, 6)), fashion_test.labels[:6]
+    noise = defense.purifier.sample_noise(x, gen(3))
+    res = APGD(defense, AttackConfig(norm="linf", eps=4 / 255, steps=2, mode="dwbox", restarts=2))(
+        x, y, noise=noise, generator=gen(4))
+    with torch.no_grad():
+        assert torch.equal(single_shot(defense, res.x_adv, y, noise=noise).float(), res.score)
+    assert res.score.sum() > 0  # some images survive the first run, so the second run had work to do
+    assert (res.x_adv - x).abs().max() <= 4 / 255 + 1e-6
+
+
+def test_rand_version_is_apgd_ce_and_dlr_with_eot():
+    cfgs = rand_version("l2")
+    assert [(c.algorithm, c.loss, c.eot, c.steps, c.mode, c.eps) for c in cfgs] == [
+        ("apgd", "ce", 20, 100, "eot", 0.5), ("apgd", "dlr", 20, 100, "eot", 0.5)]
+    assert [c.attack_name for c in cfgs] == ["apgd-ce", "apgd-dlr"]
