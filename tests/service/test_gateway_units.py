@@ -1,0 +1,55 @@
+"""Pure parts of the gateway, no servers: version pairs, the model interface, conversion to another shape."""
+from __future__ import annotations
+
+import pytest
+
+from gateway_testing import png_bytes
+from service.app.core.errors import ApiError
+from service.app.images import decode
+from service.app.triton.models import InterfaceError, newest_pair, pair_info
+
+
+def idx(**versions):
+    return [{"name": m, "version": str(v), "state": s} for m, vs in versions.items() for v, s in vs]
+
+
+def test_newest_pair_is_the_newest_version_ready_for_both():
+    assert newest_pair(idx(purifier=[(1, "READY"), (2, "READY")], classifier=[(1, "READY")]),
+                       "purifier", "classifier") == 1
+    assert newest_pair(idx(purifier=[(1, "READY"), (3, "READY")], classifier=[(3, "READY"), (4, "READY")]),
+                       "purifier", "classifier") == 3
+    assert newest_pair(idx(purifier=[(2, "UNAVAILABLE")], classifier=[(2, "READY")]), "purifier", "classifier") is None
+
+
+def meta(*names):
+    return {"inputs": [{"name": "IMAGES", "datatype": "FP32"}], "outputs": [{"name": n, "datatype": "FP32"}
+                                                                          for n in names]}
+
+
+def test_a_cifar_interface_needs_no_gateway_change():
+    ens = {"parameters": {"image_shape": {"string_value": "3,32,32"},
+                          "class_names": {"string_value": '["airplane", "automobile", "bird"]'}}}
+    pur = {"max_batch_size": 8, "parameters": {"t_star": {"string_value": "50"}, "sampler": {"string_value": "ddpm"},
+                                               "num_inference_steps": {"string_value": "200"},
+                                               "max_votes": {"string_value": "4"}}}
+    cls = {"max_batch_size": 64, "parameters": {"max_votes": {"string_value": "16"}}}
+    p = pair_info(7, pur, cls, ens, meta("PURIFIED"), {"outputs": [{"name": "PROBS", "datatype": "FP32"},
+                                                                     {"name": "LABEL", "datatype": "INT64"}]})
+    assert (p.channels, p.height, p.width, p.mode) == (3, 32, 32, "RGB")
+    assert p.class_names == ("airplane", "automobile", "bird") and p.max_votes == 4 and p.max_batch == 8
+    assert p.purification == {"sampler": "ddpm", "num_inference_steps": 200, "t_star": 50}
+    d = decode("g.png", png_bytes((28, 28), "L"), (3, 32, 32), 1 << 20)
+    assert d.array.shape == (3, 32, 32) and d.info["conversions"][0] == "mode L -> RGB"
+    with pytest.raises(ApiError, match="mode L \\(model takes RGB\\)"):
+        decode("g.png", png_bytes((32, 32), "L"), (3, 32, 32), 1 << 20, convert=False)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({}, "image_shape"),
+    ({"image_shape": {"string_value": "1,32"}}, "C,H,W"),
+    ({"image_shape": {"string_value": "1,32,32"}, "class_names": {"string_value": '["a", "a"]'}}, "duplicates"),
+])
+def test_an_incomplete_interface_says_what_is_missing(params, match):
+    pur = {"input": [{"name": "IMAGES", "dims": ["-1", "-1", "-1"]}]}
+    with pytest.raises(InterfaceError, match=match):
+        pair_info(1, pur, {}, {"parameters": params}, meta("PURIFIED"), meta("PROBS", "LABEL"))
