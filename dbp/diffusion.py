@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .grad_checkpointing import GradCheckpoint, plan_grad_checkpoint
+
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps_model(x_t in [-1, 1], t) -> eps
 
 
@@ -138,12 +140,15 @@ class Diffusion(nn.Module):
 
     def purify(self, eps_model: EpsModel, x01: torch.Tensor, *, t_star: int = 100, sampler: str = "ddpm",
                num_inference_steps: Optional[int] = None, noise: Optional[PurifyNoise] = None,
-               generator: Optional[torch.Generator] = None, grad_checkpoint: bool = True) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, grad_checkpoint: GradCheckpoint = "auto",
+               checkpoint_budget_bytes: Optional[int] = None) -> torch.Tensor:
         """Diffuse x01 ([0,1], [B,C,H,W]) to t* and run the reverse chain back to an image in [0,1].
 
         Randomness comes from `noise` if given (bit-for-bit repeatable), else from `generator`.
-        Differentiable in x01; each UNet call is checkpointed when grad is enabled and
-        `grad_checkpoint` is set, so memory stays O(one UNet call) per step.
+        Differentiable in x01. With grad enabled, each UNet call is checkpointed (memory O(one call), one
+        extra forward per call) when `grad_checkpoint` is True, or, for "auto", when the chain's estimated
+        activations exceed `checkpoint_budget_bytes` (default: a quarter of free memory); see
+        dbp.grad_checkpointing. The gradients are the same either way.
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -156,7 +161,8 @@ class Diffusion(nn.Module):
         self._check_noise(noise, x01, sampler, t_star, n_inf)
 
         x = self.q_sample(to_model_range(x01), torch.tensor(t_star, device=x01.device), noise.forward)
-        use_ckpt = grad_checkpoint and torch.is_grad_enabled()
+        use_ckpt = torch.is_grad_enabled() and plan_grad_checkpoint(grad_checkpoint, eps_model, x, len(steps),
+                                                                   checkpoint_budget_bytes).use
         stride = self.num_train_timesteps // n_inf
         for i, t in enumerate(steps):
             t_prev = t - stride  # negative at the last step: alpha-bar = 1, the output is x0

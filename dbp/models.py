@@ -9,6 +9,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .diffusion import Diffusion, PurifyNoise
+from .grad_checkpointing import GradCheckpoint, parse_grad_checkpoint, plan_grad_checkpoint
 from .nets import Classifier, EpsNet, build_classifier, build_unet_from_meta
 
 
@@ -16,11 +17,21 @@ class Purifier(nn.Module):
     """x in [0,1] -> purified x in [0,1]: forward-noise to t* and reverse with DDPM or DDIM."""
 
     def __init__(self, eps_net: nn.Module, t_star: int = 100, sampler: str = "ddpm",
-                 num_inference_steps: Optional[int] = None, grad_checkpoint: bool = True):
+                 num_inference_steps: Optional[int] = None, grad_checkpoint: GradCheckpoint = "auto",
+                 checkpoint_budget_mb: Optional[float] = None, channels_last: bool = False):
         super().__init__()
         self.eps_net = eps_net
+        # channels_last: the UNet (converted in place) and the chain run in NHWC, which oneDNN's CPU convolutions
+        # prefer (benchmarks/bench_attack.py); the same results up to float rounding
+        self.channels_last = channels_last
+        if channels_last:
+            eps_net.to(memory_format=torch.channels_last)
         self.diffusion = Diffusion()
-        self.t_star, self.sampler, self.grad_checkpoint = t_star, sampler, grad_checkpoint
+        self.t_star, self.sampler = t_star, sampler
+        # True / False / "auto" (checkpoint only when the chain's activations exceed the budget; None: a quarter
+        # of free memory). Either way the gradients are the same: see dbp.grad_checkpointing.
+        self.grad_checkpoint = parse_grad_checkpoint(grad_checkpoint)
+        self.checkpoint_budget_mb = checkpoint_budget_mb
         if num_inference_steps is None:
             num_inference_steps = 1000 if sampler == "ddpm" else 100
         self.num_inference_steps = num_inference_steps
@@ -30,15 +41,27 @@ class Purifier(nn.Module):
     def n_unet_calls(self) -> int:
         return len(self.diffusion.reverse_timesteps(self.t_star, self.num_inference_steps))
 
+    @property
+    def checkpoint_budget_bytes(self) -> Optional[int]:
+        return None if self.checkpoint_budget_mb is None else int(self.checkpoint_budget_mb * 2**20)
+
+    def checkpoint_plan(self, x01: torch.Tensor):
+        """What a differentiable call on a batch shaped like x01 would do (for logs, cards and benchmarks)."""
+        return plan_grad_checkpoint(self.grad_checkpoint, self.eps_net, x01, self.n_unet_calls,
+                                    self.checkpoint_budget_bytes)
+
     def sample_noise(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> PurifyNoise:
         return self.diffusion.sample_noise(tuple(x01.shape), self.sampler, self.t_star, self.num_inference_steps,
                                            generator, x01.device)
 
     def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.channels_last:
+            x01 = x01.contiguous(memory_format=torch.channels_last)
         return self.diffusion.purify(self.eps_net, x01, t_star=self.t_star, sampler=self.sampler,
                                      num_inference_steps=self.num_inference_steps, noise=noise,
-                                     generator=generator, grad_checkpoint=self.grad_checkpoint)
+                                     generator=generator, grad_checkpoint=self.grad_checkpoint,
+                                     checkpoint_budget_bytes=self.checkpoint_budget_bytes)
 
 
 class Defense(nn.Module):

@@ -89,6 +89,7 @@ class GateConfig:
     device: str = "auto"
     grad_checkpoint: str = "auto"  # per-UNet-call checkpointing: true / false / auto (by memory; same gradients)
     checkpoint_budget_mb: Optional[float] = None  # auto's memory budget; default a quarter of free memory
+    channels_last: bool = True  # run the chain in NHWC: faster CPU convolutions, same results up to float rounding
 
 
 PRESETS = {
@@ -100,7 +101,7 @@ PRESETS = {
 # Fields that do not change the numbers: a resumed run may differ in these.
 NON_EVAL_FIELDS = {"out_dir", "thresholds", "baseline_card", "max_drop", "gate", "max_batches", "grid_n", "threads",
                    "device", "repository", "version", "classifier_version", "purifier", "classifier", "data_root",
-                   "grad_checkpoint", "checkpoint_budget_mb"}
+                   "grad_checkpoint", "checkpoint_budget_mb", "channels_last"}
 THRESHOLD_KEYS = {"min_clean", "min_robust", "min_clean_bare", "max_drop", "bare_robust_max", "fail_on_flags"}
 # Fixed generator streams per purpose, so results do not depend on which settings or ranks ran
 SETTING_STREAM = {"linf-dwbox": 10, "linf-eot": 20, "l2-dwbox": 30, "l2-eot": 40}
@@ -198,7 +199,8 @@ def build(cfg: GateConfig, d: distributed.Dist) -> Ctx:
                             f"got {pmeta.get('kind')!r} and {cmeta.get('kind')!r}")
     try:
         purifier = Purifier(eps_net, cfg.t_star, cfg.sampler, cfg.num_inference_steps,
-                            grad_checkpoint=cfg.grad_checkpoint, checkpoint_budget_mb=cfg.checkpoint_budget_mb)
+                            grad_checkpoint=cfg.grad_checkpoint, checkpoint_budget_mb=cfg.checkpoint_budget_mb,
+                            channels_last=cfg.channels_last)
     except ValueError as e:
         raise C.ConfigError(f"bad purifier settings: {e}") from None
     dataset = cfg.dataset or cmeta["arch"].get("dataset", "fashion_mnist")
@@ -453,7 +455,7 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, bare_max:
             "attack": {"algorithm": "PGD", "steps": atk.steps, "eot": atk.eot, "eot_batched": atk.eot_batched,
                        "init": "zero", "loss": "cross-entropy, untargeted",
                        "gradient": "full backpropagation through every purification step (UNet calls "
-                                   "checkpointed); no BPDA, no surrogate"},
+                                   "checkpointed when memory needs it: same gradients); no BPDA, no surrogate"},
             "protocol": robust["protocol"],
             "forward_passes_per_sample": {"attack": atk.steps * atk.eot, "evaluation": eval_passes,
                                           "total": atk.steps * atk.eot + eval_passes,
