@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -129,6 +130,22 @@ def test_readyz_livez_and_backend_readiness(gateway, dead_url, triton):
     assert m[f'dbp_gateway_triton_backend_ready{{url="{triton.grpc_url}"}}'] == 1
     assert m[f'dbp_gateway_triton_backend_ready{{url="{dead_url}"}}'] == 0
     assert m['dbp_gateway_model_info{classifier_version="1",model="purify_classify",purifier_version="1"}'] == 1
+
+
+def test_balances_over_ready_backends(gateway_factory, triton):
+    """Two URLs (the same Triton under two names): sequential requests alternate between them."""
+    urls = [triton.grpc_url, "localhost:" + triton.grpc_url.rsplit(":", 1)[1]]
+    gw = gateway_factory(urls=urls)
+    deadline = time.monotonic() + 30
+    while not all(b["ready"] for b in httpx.get(gw.url + "/readyz").json()["backends"]):
+        assert time.monotonic() < deadline, httpx.get(gw.url + "/readyz").text
+        time.sleep(0.2)
+    with gw.client() as c:
+        for _ in range(6):
+            assert c.post("/purify", files=files(png_bytes())).status_code == 200
+    m = gw.metrics()
+    counts = [m.get(f'dbp_gateway_triton_requests_total{{outcome="ok",url="{u}"}}', 0) for u in urls]
+    assert counts == [3, 3], counts
 
 
 def test_metrics_count_what_happened(gateway, fashion_pngs):

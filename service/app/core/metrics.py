@@ -38,6 +38,9 @@ class GatewayMetrics:
                                 ["model", "purifier_version", "classifier_version"], registry=r)
         self.backend_ready = Gauge("dbp_gateway_triton_backend_ready", "1 if the Triton URL is ready with a "
                                    "version pair, else 0", ["url"], registry=r)
+        self.backend_requests = Counter("dbp_gateway_triton_requests_total", "Requests sent to each Triton URL, "
+                                        "by outcome (ok, rejected, unavailable, timeout, error, refused)",
+                                        ["url", "outcome"], registry=r)
         self._pairs: set[tuple[str, str, str]] = set()
 
     def set_pairs(self, pairs: set[tuple[str, str, str]]) -> None:

@@ -71,6 +71,7 @@ class TritonPool:
         self.backends = [Backend(url) for url in settings.TRITON_URLS]
         self._rr = itertools.count()
         self._probe_task: Optional[asyncio.Task] = None
+        self._tasks: set[asyncio.Task] = set()
         for b in self.backends:
             metrics.backend_ready.labels(b.url).set(0)
 
@@ -197,6 +198,7 @@ class TritonPool:
                 continue
             b.in_flight += 1
             t0 = time.monotonic()
+            outcome = "error"
             try:
                 feeds, votes = build(pair)
                 inputs = [self._input(pair, k, v) for k, v in feeds.items()]
@@ -207,25 +209,36 @@ class TritonPool:
                         cin.append(self._input(pair, VOTES, np.full((out[PURIFIED].shape[0], 1), votes)))
                     out.update(await self._call(b, self.settings.CLASSIFIER_MODEL, pair.version, cin,
                                                 [PROBS, LABEL, AGREEMENT], deadline))
+                outcome = "ok"
                 return Outcome(pair, b.url, out, time.monotonic() - t0)
             except asyncio.TimeoutError:
+                outcome = "timeout"
                 raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "
                                f"{self.settings.REQUEST_TIMEOUT_S:g} s") from None
             except InferenceServerException as e:
                 status, msg = _status(e), e.message() or str(e)
                 if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
+                    outcome = "timeout"
                     raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "
                                    f"{self.settings.REQUEST_TIMEOUT_S:g} s") from None
                 if "INVALID_ARGUMENT" in status:
+                    outcome = "rejected"
                     raise ApiError(400, "triton_rejected", f"Triton rejected the input: {msg}") from None
                 if "UNAVAILABLE" in status or "NOT_FOUND" in status or "unknown model" in msg:
                     # gone, or the pinned version was unloaded (rollback): re-probe, try the next backend
+                    outcome = "unavailable"
                     b.ready, b.reason = False, f"{status}: {msg}"
                     self.metrics.backend_ready.labels(b.url).set(0)
-                    asyncio.get_running_loop().create_task(self.probe(b))
+                    task = asyncio.get_running_loop().create_task(self.probe(b))
+                    self._tasks.add(task)  # keep a reference until it is done
+                    task.add_done_callback(self._tasks.discard)
                     last = self.unavailable(f"Triton at {b.url} became unavailable: {msg}")
                     continue
                 raise ApiError(502, "triton_error", f"Triton failed on the request: {msg}") from None
+            except ApiError:
+                outcome = "refused"  # the request did not fit this pair (votes, images): nothing reached Triton
+                raise
             finally:
                 b.in_flight -= 1
+                self.metrics.backend_requests.labels(b.url, outcome).inc()
         raise last or self.unavailable("no Triton backend is ready")
