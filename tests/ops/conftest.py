@@ -32,9 +32,10 @@ def ops_images(tmp_path_factory) -> list[tuple[str, bytes]]:
 
 @pytest.fixture(scope="session")
 def ops_stack(ops_repo, tmp_path_factory):
+    from loadtests.drills import MAIN_IN_FLIGHT
     from loadtests.stack import GatewayConfig, Stack
     with Stack(ops_repo, run_dir=tmp_path_factory.mktemp("ops-stack"),
-               gateway=GatewayConfig(max_in_flight=32, request_timeout_s=60)) as s:
+               gateway=GatewayConfig(max_in_flight=MAIN_IN_FLIGHT, request_timeout_s=60)) as s:
         yield s
 
 
