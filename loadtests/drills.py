@@ -167,7 +167,7 @@ def stats(outs: Sequence[Outcome]) -> dict:
         k = str(o.status) if o.status is not None else (o.error or "no answer")
         by_status[k] = by_status.get(k, 0) + 1
     bad = [o.latency for o in outs if o.status != 200]
-    return {"requests": len(outs), "ok": len(ok), "failed": len(outs) - len(ok), "by_status": by_status,
+    return {"requests": len(outs), "served": len(ok), "failed": len(outs) - len(ok), "by_status": by_status,
             "failed_p95_s": _r(pct(bad, .95)), "failed_max_s": _r(max(bad) if bad else None),
             "ok_per_s": round(len(ok) / span, 2) if span else 0.0,
             "p50_s": _r(pct(lat, .5)), "p95_s": _r(pct(lat, .95)), "p99_s": _r(pct(lat, .99)),
@@ -185,7 +185,8 @@ def calibrate(stack: Stack, images, seconds: float, concurrency: int = 4) -> dic
     outs = closed_loop(stack.gateway_url, images, concurrency, seconds)
     s = stats(outs)
     return {"concurrency": concurrency, "seconds": seconds, **s, "capacity_rps": s["ok_per_s"],
-            "ok": s["failed"] == 0 and s["ok"] > 0, "reasons": [] if s["failed"] == 0 else ["failures while calibrating"]}
+            "ok": s["failed"] == 0 and s["served"] > 0,
+            "reasons": [] if s["failed"] == 0 else ["failures while calibrating"]}
 
 
 def soak(stack: Stack, images, capacity: float, seconds: float, load_factor: float = 0.5,
@@ -207,12 +208,14 @@ def soak(stack: Stack, images, capacity: float, seconds: float, load_factor: flo
         growth[proc] = round((end - base) / base, 4) if base and end else None
     s = stats(outs)
     reasons = []
-    if s["failed"]:
-        reasons.append(f"{s['failed']} failed requests at {rate:.2f} req/s: {s['by_status']}")
+    if s["failed"] or load.skipped:
+        reasons.append(f"{s['failed']} failed requests at {rate:.2f} req/s: {s['by_status']}; "
+                       f"{load.skipped} not sent (client bound)")
     for proc, g in growth.items():
         if g is None or g >= max_growth:
             reasons.append(f"{proc} RSS grew {g} after warm-up (limit {max_growth})")
-    return {"rate_rps": round(rate, 2), "seconds": seconds, **s, "rss_growth_after_warmup": growth,
+    return {"rate_rps": round(rate, 2), "seconds": seconds, **s, "client_skipped": load.skipped,
+            "rss_growth_after_warmup": growth,
             "rss_mib": {p: round(samples[-1][1].get(p, 0) / 2**20, 1) for p in ("gateway", "triton")},
             "rss_samples": [(round(t, 1), {k: round(v / 2**20, 1) for k, v in r.items()}) for t, r in samples],
             "ok": not reasons, "reasons": reasons}
@@ -222,7 +225,8 @@ def overload(gateway: GatewayProcess, images, capacity: float, seconds: float, m
              factor: float = 2.0, recovery_seconds: float = 5.0) -> dict:
     """`gateway` must run with MAX_IN_FLIGHT = max_in_flight (small, so 2x capacity sheds rather than queues)."""
     rate = factor * capacity
-    outs = Load(gateway.url, images).run(rate, seconds)
+    load = Load(gateway.url, images)
+    outs = load.run(rate, seconds)
     shed = [o for o in outs if o.status in SHED]
     accepted = [o for o in outs if o.status == 200]
     other = [o for o in outs if o.status not in SHED and o.status != 200]
@@ -241,8 +245,9 @@ def overload(gateway: GatewayProcess, images, capacity: float, seconds: float, m
         reasons.append("nothing shed at 2x capacity")
     if any(o.retry_after is None for o in shed):
         reasons.append(f"{sum(o.retry_after is None for o in shed)} shed answers without Retry-After")
-    if other:
-        reasons.append(f"{len(other)} answers other than 200/429/503: {stats(other)['by_status']}")
+    if other or load.skipped:
+        reasons.append(f"{len(other)} answers other than 200/429/503: {stats(other)['by_status'] if other else {}}; "
+                       f"{load.skipped} not sent because {load.max_outstanding} were waiting (no shedding?)")
     if p95 is None or p95 > bound:
         reasons.append(f"accepted p95 {p95} s above the bound {bound:.2f} s")
     if rs["failed"]:
@@ -250,7 +255,8 @@ def overload(gateway: GatewayProcess, images, capacity: float, seconds: float, m
     if not gateway.proc or gateway.proc.poll() is not None:
         reasons.append("gateway process died")
     return {"rate_rps": round(rate, 2), "capacity_rps": round(capacity, 2), "max_in_flight": max_in_flight,
-            "seconds": seconds, **stats(outs), "shed": len(shed), "shed_ratio": round(len(shed) / max(len(outs), 1), 3),
+            "seconds": seconds, **stats(outs), "client_skipped": load.skipped, "shed": len(shed),
+            "shed_ratio": round(len(shed) / max(len(outs), 1), 3),
             "shed_p95_s": _r(shed_fast), "accepted_p95_s": _r(p95), "accepted_bound_s": round(bound, 2),
             "retry_after": sorted({o.retry_after for o in shed if o.retry_after}),
             "recovery": rs, "ok": not reasons, "reasons": reasons}
@@ -306,7 +312,8 @@ def triton_kill(stack: Stack, images, capacity: float, before: float, down: floa
         reasons.append("gateway was restarted or died")
     return {"rate_rps": round(rate, 2), "down_s": round(t_restart - t_kill, 2), "triton_restart_s": round(restart_s, 2),
             "gateway_recovery_s": _r(t_back - t_triton_ready if t_back else None), **stats(outs),
-            "lost": len(lost), "lost_outside_outage": sum(o.status != 200 for o in safe),
+            "lost": len(lost) + load.skipped, "lost_outside_outage": sum(o.status != 200 for o in safe),
+            "client_skipped": load.skipped,
             "during_outage": stats(during) if during else {}, "readyz_while_down": sorted(set(map(str, readyz_down))),
             "ok": not reasons, "reasons": reasons}
 
@@ -338,14 +345,15 @@ def version_swap(stack: Stack, images, capacity: float, exports: Sequence[Callab
     s = stats(outs)
     served = sorted({(o.purifier, o.classifier) for o in outs if o.status == 200})
     reasons = []
-    if s["failed"]:
-        reasons.append(f"{s['failed']} failed requests during the swaps: {s['by_status']}")
+    if s["failed"] or load.skipped:
+        reasons.append(f"{s['failed']} failed requests during the swaps: {s['by_status']}; "
+                       f"{load.skipped} not sent (client bound)")
     if s["mixed_versions"]:
         reasons.append(f"{s['mixed_versions']} answers with a mixed purifier/classifier pair")
     if None in switch_s:
         reasons.append(f"new versions {published} not all served (switch times {switch_s})")
     return {"rate_rps": round(rate, 2), "published": published, "switch_after_export_s": switch_s,
-            "shed": sum(o.status in SHED for o in outs),
+            "shed": sum(o.status in SHED for o in outs), "client_skipped": load.skipped,
             "pairs_served": [f"{p}/{c}" for p, c in served], **s, "ok": not reasons, "reasons": reasons}
 
 

@@ -72,7 +72,8 @@ class PrometheusServer:
         cfg_path.write_text(yaml.safe_dump(rewrite_config(self.targets, self.scrape)))
         self.log_path = self.dir / "prometheus.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg_path}", f"--storage.tsdb.path={self.dir / 'data'}",
+        self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg_path}",
+                                      f"--storage.tsdb.path={self.dir / 'data'}",
                                       f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
                                       "--log.level=warn"],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -89,6 +89,8 @@ def build() -> dm.Dashboard:
                          q(ratio('dbp_gateway_requests_total{endpoint!="/metrics", status=~"4.."}', GW, "endpoint"),
                            "{{endpoint}} 4xx", "B")]))
     lat = 'dbp_gateway_request_duration_seconds'
+    tri = 'dbp_gateway_triton_duration_seconds'
+    triton_mean = per_request(tri + '_sum', tri + '_count', 'endpoint')
     d = d.with_panel(ts(3, "Gateway latency p50 / p95 / p99 by endpoint",
                         "From the gateway's request histogram (whole request: decode, Triton, encode). "
                         "Alert DbpGatewayHighLatencyP95: p95 > 5 s for 5 min.", "s",
@@ -98,12 +100,9 @@ def build() -> dm.Dashboard:
     d = d.with_panel(ts(4, "Gateway overhead per request (gateway latency - Triton time)",
                         "Mean request latency minus the mean time the same requests spent in Triton calls: what the "
                         "gateway itself adds (image decoding, validation, PNG encoding, its own queueing).", "s",
-                        [q(f"{per_request(lat + '_sum', lat + '_count', 'endpoint')} - "
-                           f"{per_request('dbp_gateway_triton_duration_seconds_sum', 'dbp_gateway_triton_duration_seconds_count', 'endpoint')}",
+                        [q(f"{per_request(lat + '_sum', lat + '_count', 'endpoint')} - {triton_mean}",
                            "{{endpoint}} overhead", "A"),
-                         q(per_request('dbp_gateway_triton_duration_seconds_sum',
-                                       'dbp_gateway_triton_duration_seconds_count', 'endpoint'),
-                           "{{endpoint}} Triton time (gateway side)", "B")], min_val=None))
+                         q(triton_mean, "{{endpoint}} Triton time (gateway side)", "B")], min_val=None))
     d = d.with_panel(ts(5, "In-flight requests", "Requests inside the gateway now; past MAX_IN_FLIGHT it sheds "
                         "with 429/503 + Retry-After.", "short",
                         [q("sum by (instance) (dbp_gateway_in_flight_requests)", "{{instance}}", "A")]))
