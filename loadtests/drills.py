@@ -438,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default runs/drills/<time>")
     p.add_argument("--soak-seconds", type=float, default=None, help="override the plan's soak length")
     a = p.parse_args(argv)
+    if not all((a.repo / m / "config.pbtxt").exists() for m in ("purifier", "classifier")):
+        p.error(f"--repo {a.repo} is not a model repository (no purifier/ and classifier/ configs)")
     plan = dict(PLANS["long" if a.long else "short"])
     if a.soak_seconds:
         plan["soak"] = a.soak_seconds

@@ -114,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.users < 1 or a.duration <= 0 or a.duration > 3600 or a.users > 1000:
         p.error("--users must be 1..1000 and --duration within (0, 1h]")
+    if a.host is None and not (a.repo / "purifier" / "config.pbtxt").exists():
+        p.error(f"--repo {a.repo} is not a model repository (no purifier/config.pbtxt)")
     if a.host and not a.host.startswith(("http://127.", "http://localhost", "http://[::1]")):
         p.error("--host must be a loopback URL (http://127.0.0.1:PORT): load tests never leave this machine")
 
