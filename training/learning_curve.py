@@ -324,7 +324,10 @@ def plot(rows: list[dict], path: Path, cfg: CurveConfig, n: int) -> None:
             off = (i - (len(arms) - 1) / 2) * max(1.0, 0.006 * max(xs + [1]))  # keep the error bars apart
             ax.errorbar([v + off for v in xs], acc, yerr=[lo, hi], marker="o", capsize=3, label=arm)
         if base is not None:
-            ax.axhline(base[what]["acc"], color="grey", ls=":", lw=1, label="base")
+            b = base[what]
+            ax.axhline(b["acc"], color="grey", ls=":", lw=1)
+            ax.errorbar([0], [b["acc"]], yerr=[[b["acc"] - b["ci95"][0]], [b["ci95"][1] - b["acc"]]], color="black",
+                        marker="s", capsize=3, ls="none", label="base (step 0)", zorder=3)
         ax.set_title(title, fontsize=10), ax.set_xlabel("fine-tuning step"), ax.grid(alpha=0.3)
         ax.set_ylabel("accuracy")
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
