@@ -1,9 +1,9 @@
 """The attack's own efficiency at the gate's setting, old (every UNet call checkpointed) vs new (grad_checkpoint
 "auto" + channels_last), in one run: PGD steps/s, image-steps/s and achieved FLOP/s beside the purifier's forward FLOP/s.
 
-  .venv/bin/python benchmarks/bench_attack.py                       # v2 models, batch 16, 5 PGD steps x 3 rounds
-  .venv/bin/python benchmarks/bench_attack.py --steps 20 --rounds 5 --threads 1 --json out.json
-  .venv/bin/python benchmarks/bench_attack.py --variants old,new     # only the two that the goal compares
+  .venv/bin/python -m benchmarks.bench_attack                       # v2 models, batch 16, 5 PGD steps x 3 rounds
+  .venv/bin/python -m benchmarks.bench_attack --steps 20 --rounds 5 --threads 1 --json out.json
+  .venv/bin/python -m benchmarks.bench_attack --variants old,new     # only the two that the goal compares
 
 Setting (the gate's DW-box l_inf card): PGD eps 8/255 step 2/255 on classifier(purify(x)), DDIM N=100 from
 t*=100 (11 UNet calls), the default "small" UNet (model_repository/purifier/2/weights) and its classifier,
@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbp.attacks import PGD, AttackConfig  # noqa: E402
-from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet  # noqa: E402
+from dbp.attacks import PGD, AttackConfig
+from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: (grad_checkpoint, channels_last)
@@ -138,10 +137,10 @@ def vm_hwm_mb() -> float:
 
 
 def run_child(args, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--purifier", args.purifier, "--classifier",
+    cmd = [sys.executable, "-m", "benchmarks.bench_attack", "--child", variant, "--purifier", args.purifier, "--classifier",
            args.classifier, "--batch", str(args.batch), "--threads", str(args.threads),
            "--num_inference_steps", str(args.num_inference_steps), "--t_star", str(args.t_star)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"memory child {variant} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
