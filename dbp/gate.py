@@ -1,0 +1,894 @@
+"""The robustness gate: attack purifier+classifier in every required setting, build the card, decide.
+
+`training/gate.py` is the CLI over `run(cfg)`. Pieces (each testable on its own):
+  - the per-batch protocol (`eval_batch`): clean accuracy (bare, purified, expected), the bare classifier
+    under PGD per threat model, and per setting (threat model x norm x mode) PGD with best-iterate
+    tracking (plus APGD-CE/DLR with `--apgd true`); DW-box adversarial images are also evaluated under
+    fresh noise, the served setting. Saved per batch (state/), sharded over torchrun ranks, merged.
+  - sanity checks on a small subset (`sanity`): l_inf 0.3 must collapse the accuracy, EoT gradient
+    consistency, a transfer attack from the bare classifier must not beat the white-box one.
+  - the card (`build_card`): per setting the per-image minimum over the attacks that ran
+    (`worst_case`), intervals, flags (incl. `attack_ineffective`), per-image outcomes bound to the image
+    indices and noise seeds (`dbp.paired.OutcomeRecord`), the binding hash and the requirements.
+  - the verdict (`verdict`): pure function of a card, its thresholds and an optional baseline card
+    (paired McNemar comparison on the same images and seeds).
+  - `convergence_report`: robust accuracy against PGD steps and EoT samples (plot).
+
+Thresholds file keys (configs/gate-*.json; all optional except what a passing card needs):
+  threat_models ["paper", "fashion"]   budgets from dbp.card.THREAT_MODELS
+  modes ["dwbox", "eot"], min_n {"dwbox": 64, "eot": 16}, min_steps 20, min_eot 10
+  margin {"*": 0.05}     per setting: robust lower bound > bare-classifier upper bound + margin
+  min_clean, min_robust, min_clean_bare, bare_robust_max (per setting key, "tm:norm" key, or "*")
+  fail_on_flags [...]  (default all), alpha 0.05 (paired comparison), sanity_n 8 (images for the checks)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import config as C, distributed, repository
+from .attacks import NORMS, AttackConfig, build_attack
+from .card import (FLOOR, MODES, SCHEMA, THREAT_MODELS, CardError, binding_sha256, load_card, meta_sha256, plot_card,
+                   strength_problems, write_card)
+from .checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
+from .data import DatasetError, load_dataset
+from .models import Defense, Purifier, load_classifier, load_unet
+from .paired import NotComparableError, OutcomeRecord, compare
+from .plots import image_grid
+from .robustness import (FLAG_NAMES, expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
+                         summarize, worst_case)
+from .runtime import git_commit
+
+EXIT_PASS, EXIT_FAIL, EXIT_INCOMPLETE = 0, 1, 3
+SETTING_FLAGS = (*FLAG_NAMES, "attack_ineffective")
+CHECK_FLAGS = ("large_budget_not_collapsed", "eot_gradient_inconsistent", "transfer_beats_white_box")
+ALL_FLAGS = (*SETTING_FLAGS, *CHECK_FLAGS)
+
+
+@dataclass
+class GateConfig:
+    purifier: Optional[str] = None  # dbp diffusion/addt checkpoint dir
+    classifier: Optional[str] = None  # dbp classifier checkpoint dir
+    repository: Optional[str] = None  # model_repository root (instead of --purifier/--classifier)
+    version: Optional[int] = None  # none of the four given: the newest version of the default repository
+    classifier_version: Optional[int] = None  # default: --version
+    dataset: Optional[str] = None  # default: the classifier checkpoint's dataset
+    data_root: Optional[str] = None
+    n_images: int = 1024  # DW-box: the first n_images test images (the paper's subset)
+    n_images_eot: Optional[int] = None  # the stochastic setting on the first n_images_eot of them (default all)
+    threat_models: tuple[str, ...] = ("paper", "fashion")  # budgets: dbp.card.THREAT_MODELS
+    norms: tuple[str, ...] = ("linf", "l2")  # filter on the threat models' norms
+    modes: tuple[str, ...] = ("dwbox", "eot")
+    sampler: str = "ddpm"
+    num_inference_steps: Optional[int] = None  # default 1000 (ddpm, 101 UNet calls) / 100 (ddim, 11)
+    t_star: int = 100
+    steps: int = 20  # PGD iterations
+    eot: int = 10  # EoT samples per step in the stochastic setting
+    eot_batched: bool = True
+    keep: str = "best"  # best-iterate tracking (issue 9); "last" = the paper's PGD
+    apgd: bool = False  # also run APGD-CE and APGD-DLR (AutoAttack's rand recipe at --steps/--eot)
+    k: int = 10  # purifications per sample for expected accuracy (0: skip that protocol)
+    bare_steps: int = 20  # PGD steps of the bare-classifier attack (at each threat model's budget)
+    sanity_n: int = 8  # images for the sanity checks (0: skip them; a passing card needs them)
+    batch_size: int = 16  # images per batch; the attack runs batch_size * eot rows at once
+    seed: int = 0
+    out_dir: str = "runs/gate"
+    thresholds: Optional[str] = None
+    baseline_card: Optional[str] = None  # paired comparison (same images, seeds, settings)
+    gate: bool = True  # false: evaluate and write the card only (gate.passed=false, exit 0)
+    report: str = "card"  # "convergence": robust accuracy vs PGD steps / EoT samples on --n_images (plot)
+    max_batches: int = 0  # stop after this many new batches per rank (0: all); rerun to resume
+    grid_n: int = 8
+    threads: int = 0
+    device: str = "auto"
+    grad_checkpoint: str = "auto"
+    checkpoint_budget_mb: Optional[float] = None
+    channels_last: bool = True
+
+
+PRESETS = {
+    "smoke": dict(n_images=8, batch_size=4, sampler="ddim", num_inference_steps=50, steps=2, eot=2, k=2, bare_steps=5,
+                  sanity_n=2),
+    # what the 2-core CPU machine can afford (configs/gate-fashion-cpu.json asks for these n)
+    "cpu": dict(n_images=64, n_images_eot=16, batch_size=8, sampler="ddim", num_inference_steps=100, k=10),
+    "paper": dict(),  # 1024 images, both modes: configs/gate-fashion-gpu.json
+}
+
+NON_EVAL_FIELDS = {"out_dir", "thresholds", "baseline_card", "gate", "max_batches", "grid_n", "threads", "report",
+                   "device", "repository", "version", "classifier_version", "purifier", "classifier", "data_root",
+                   "grad_checkpoint", "checkpoint_budget_mb", "channels_last"}
+THRESHOLD_KEYS = {"threat_models", "modes", "min_n", "min_steps", "min_eot", "margin", "min_clean", "min_robust",
+                  "min_clean_bare", "bare_robust_max", "fail_on_flags", "alpha", "sanity_n"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    threat_model: str
+    norm: str
+    mode: str
+    eps: float
+    step: float
+
+    @property
+    def name(self) -> str:  # the paper's settings keep their old names
+        base = f"{self.norm}-{self.mode}"
+        return base if self.threat_model == "paper" else f"{base}@{self.threat_model}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.threat_model}:{self.norm}"
+
+
+def all_settings(cfg: GateConfig) -> list[Setting]:
+    out = []
+    for tm in cfg.threat_models:
+        for norm, (eps, step) in THREAT_MODELS[tm].items():
+            if norm in cfg.norms:
+                out += [Setting(tm, norm, md, eps, step) for md in MODES if md in cfg.modes]  # DW-box first
+    return out
+
+
+def stream_of(s: Setting) -> int:
+    """Fixed generator stream per setting, so results do not depend on which settings or ranks ran."""
+    keys = [(tm, nm, md) for tm in THREAT_MODELS for nm in THREAT_MODELS[tm] for md in MODES]
+    return 10 * (1 + keys.index((s.threat_model, s.norm, s.mode)))
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    cfg: GateConfig
+    purifier_dir: Path
+    classifier_dir: Path
+    defense: Defense
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: tuple
+    dataset: str
+    device: torch.device
+    sha: dict
+    state: Path
+
+    @property
+    def settings(self) -> list[Setting]:
+        return all_settings(self.cfg)
+
+    @property
+    def n_eot(self) -> int:
+        return min(len(self.y), self.cfg.n_images_eot or len(self.y))
+
+    def batches(self) -> list[tuple[int, int, int]]:
+        bs = self.cfg.batch_size
+        return [(b, s, min(s + bs, len(self.y))) for b, s in enumerate(range(0, len(self.y), bs))]
+
+
+def validate(cfg: GateConfig) -> None:
+    by_ckpt, by_repo = cfg.purifier or cfg.classifier, cfg.repository or cfg.version is not None
+    if by_ckpt and by_repo:
+        raise C.ConfigError("give either --purifier and --classifier, or --repository and --version, not both")
+    if cfg.repository is not None and cfg.version is None:
+        raise C.ConfigError("--repository needs --version (give neither to gate the deployed version)")
+    if by_ckpt and not (cfg.purifier and cfg.classifier):
+        raise C.ConfigError("give --purifier CKPT_DIR and --classifier CKPT_DIR (or --repository DIR --version N, "
+                            "or none of them for the deployed version)")
+    for name, vals, known in (("norms", cfg.norms, NORMS), ("modes", cfg.modes, MODES),
+                              ("threat_models", cfg.threat_models, tuple(THREAT_MODELS))):
+        bad = [v for v in vals if v not in known]
+        if bad or not vals or len(set(vals)) != len(vals):
+            raise C.ConfigError(f"--{name} must be a comma list of distinct values from {known}, got {','.join(vals)}")
+    if not all_settings(cfg):
+        raise C.ConfigError(f"--threat_models {','.join(cfg.threat_models)} has no norm in --norms {','.join(cfg.norms)}")
+    if cfg.sampler not in ("ddpm", "ddim"):
+        raise C.ConfigError(f"--sampler must be ddpm or ddim, got {cfg.sampler!r}")
+    if cfg.keep not in ("best", "last"):
+        raise C.ConfigError(f"--keep must be best or last, got {cfg.keep!r}")
+    if cfg.report not in ("card", "convergence"):
+        raise C.ConfigError(f"--report must be card or convergence, got {cfg.report!r}")
+    for name, lo in (("n_images", 1), ("batch_size", 1), ("steps", 0), ("eot", 1), ("k", 0), ("bare_steps", 0),
+                     ("max_batches", 0), ("grid_n", 0), ("sanity_n", 0)):
+        if getattr(cfg, name) < lo:
+            raise C.ConfigError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if cfg.n_images_eot is not None and cfg.n_images_eot < 1:
+        raise C.ConfigError(f"--n_images_eot must be >= 1, got {cfg.n_images_eot}")
+
+
+def use_deployed(cfg: GateConfig) -> None:
+    """No model named: gate the deployed pair, the newest version of the default model repository."""
+    if cfg.purifier or cfg.classifier or cfg.repository is not None:
+        return
+    repo = repository.default_repository()
+    if cfg.version is None:
+        cfg.version = repository.newest_version(repository.model_dir(repo, "purifier"))
+        if cfg.version is None:
+            raise C.ConfigError(f"no model given and none deployed in {repo}: give --purifier and --classifier")
+    cfg.repository = str(repo)
+    print(f"gate: no --purifier/--classifier given; gating version {cfg.version} of {repo}", file=sys.stderr)
+
+
+def resolve_dirs(cfg: GateConfig) -> tuple[Path, Path]:
+    if cfg.repository is not None:
+        cv = cfg.classifier_version if cfg.classifier_version is not None else cfg.version
+        return (repository.weights_dir(cfg.repository, "purifier", cfg.version),
+                repository.weights_dir(cfg.repository, "classifier", cv))
+    return Path(cfg.purifier), Path(cfg.classifier)
+
+
+def build(cfg: GateConfig, d: distributed.Dist) -> Ctx:
+    pdir, cdir = resolve_dirs(cfg)
+    try:
+        pmeta, cmeta = load_meta(pdir), load_meta(cdir)
+        eps_net, classifier = load_unet(pdir, device=d.device), load_classifier(cdir, device=d.device)
+        sha = {"purifier": weights_sha256(pdir), "classifier": weights_sha256(cdir)}
+    except (CheckpointError, OSError, KeyError, RuntimeError) as e:
+        raise C.ConfigError(f"cannot load the models: {e}") from None
+    if pmeta.get("kind") not in PURIFIER_KINDS or cmeta.get("kind") not in CLASSIFIER_KINDS:
+        raise C.ConfigError(f"--purifier must be a diffusion/addt checkpoint and --classifier a classifier one, "
+                            f"got {pmeta.get('kind')!r} and {cmeta.get('kind')!r}")
+    try:
+        purifier = Purifier(eps_net, cfg.t_star, cfg.sampler, cfg.num_inference_steps,
+                            grad_checkpoint=cfg.grad_checkpoint, checkpoint_budget_mb=cfg.checkpoint_budget_mb,
+                            channels_last=cfg.channels_last)
+    except ValueError as e:
+        raise C.ConfigError(f"bad purifier settings: {e}") from None
+    return ctx_for(cfg, pdir, cdir, Defense(purifier, classifier).to(d.device), cmeta, sha, d.device)
+
+
+def ctx_for(cfg: GateConfig, pdir: Path, cdir: Path, defense: Defense, cmeta: dict, sha: dict,
+            device: torch.device) -> Ctx:
+    dataset = cfg.dataset or cmeta["arch"].get("dataset", "fashion_mnist")
+    try:
+        test = load_dataset(dataset, "test", cfg.data_root)
+    except (DatasetError, ValueError) as e:
+        raise C.ConfigError(str(e)) from None
+    if cfg.n_images > len(test):
+        raise C.ConfigError(f"--n_images {cfg.n_images} exceeds the {len(test)} images of the {dataset} test split")
+    test = test.head(cfg.n_images)
+    return Ctx(cfg, pdir, cdir, defense, test.float01(), test.labels, test.classes, dataset, device, sha,
+               Path(cfg.out_dir) / "state")
+
+
+def eval_config(ctx: Ctx) -> dict:
+    keep = {k: v for k, v in C.to_dict(ctx.cfg).items() if k not in NON_EVAL_FIELDS}
+    keep.update(dataset=ctx.dataset, num_inference_steps=ctx.defense.purifier.num_inference_steps,
+                purifier_sha256=ctx.sha["purifier"], classifier_sha256=ctx.sha["classifier"])
+    return json.loads(json.dumps(keep))
+
+
+def check_state(ctx: Ctx, d: distributed.Dist) -> None:
+    ctx.state.mkdir(parents=True, exist_ok=True)
+    f = ctx.state / "config.json"
+    want = eval_config(ctx)
+    if f.exists():
+        have = json.loads(f.read_text())
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: saved {have.get(k)!r} vs now {want.get(k)!r}" for k in diff)
+            raise C.ConfigError(f"{ctx.state} holds results of a different evaluation ({detail}); "
+                                f"use another --out_dir or delete that folder")
+    elif d.is_main:
+        _atomic_text(f, json.dumps(want, indent=2))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- one batch -----------------------------------------------------------------------------------------
+
+def batch_seed(cfg: GateConfig, batch: int, stream: int) -> int:
+    return cfg.seed * 1_000_003 + batch * 1009 + stream
+
+
+def generator(ctx: Ctx, batch: int, stream: int) -> torch.Generator:
+    return torch.Generator(device=ctx.device).manual_seed(batch_seed(ctx.cfg, batch, stream))
+
+
+def attack_config(cfg: GateConfig, s: Setting, algorithm: str = "pgd", loss: str = "ce") -> AttackConfig:
+    return AttackConfig(norm=s.norm, eps=s.eps, step=s.step, steps=cfg.steps, eot=cfg.eot if s.mode == "eot" else 1,
+                        mode=s.mode, eot_batched=cfg.eot_batched, keep=cfg.keep, algorithm=algorithm, loss=loss)
+
+
+def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    cfg, defense = ctx.cfg, ctx.defense
+    x, y = ctx.x[lo:hi].to(ctx.device), ctx.y[lo:hi].to(ctx.device)
+    n_eot = max(0, min(hi, ctx.n_eot) - lo)  # the stochastic setting runs on the first n_images_eot images
+    t0 = time.time()
+    out: dict[str, torch.Tensor] = {"index": torch.arange(lo, hi), "label": y}
+    out["clean_bare"] = single_shot(defense.classifier, x, y)
+    out["clean_purified"] = single_shot(defense, x, y, generator=generator(ctx, b, 1))
+    if cfg.k:
+        out["clean_expected"] = expected_correct(defense, x, y, cfg.k, generator=generator(ctx, b, 2),
+                                                 max_rows=cfg.batch_size * cfg.eot)
+    for g in dict.fromkeys(s.group for s in ctx.settings):
+        s = next(s for s in ctx.settings if s.group == g)
+        bare = AttackConfig(norm=s.norm, eps=s.eps, step=s.step, steps=cfg.bare_steps, eot=1, mode="dwbox",
+                            keep=cfg.keep)
+        res = build_attack(defense.classifier, bare)(x, y)
+        out[f"bare_robust/{g}"] = single_shot(defense.classifier, res.x_adv, y)
+    grid = b == 0 and cfg.grid_n > 0
+    g_n = min(cfg.grid_n, hi - lo)
+    if grid:
+        out["grid/clean"] = x[:g_n]
+        with torch.inference_mode():
+            out["grid/purified"] = defense.purifier(x[:g_n], generator=generator(ctx, b, 3))
+    dw_adv: dict[str, torch.Tensor] = {}
+    for s in ctx.settings:
+        k, stream = s.name, stream_of(s)
+        if s.mode == "eot" and n_eot == 0:
+            continue
+        xs, ys = (x, y) if s.mode == "dwbox" else (x[:n_eot], y[:n_eot])
+        algos = [("pgd", "ce")] + ([("apgd", "ce"), ("apgd", "dlr")] if cfg.apgd else [])
+        for j, (alg, loss) in enumerate(algos):
+            name = f"{alg}-{loss}"
+            res = build_attack(defense, attack_config(cfg, s, alg, loss))(xs, ys, generator=generator(ctx, b,
+                                                                                                       stream + 5 * j))
+            if s.mode == "dwbox":  # the evaluation reuses the attacker's fixed noise (method.md §4)
+                if j == 0:
+                    out[f"{k}/clean"] = single_shot(defense, xs, ys, noise=res.noise)
+                    out[f"{k}/last"] = single_shot(defense, res.x_last, ys, noise=res.noise)
+                    dw_adv[s.group] = res.x_adv
+                out[f"{k}/{name}"] = single_shot(defense, res.x_adv, ys, noise=res.noise)
+                # the same images under fresh noise: the setting the server runs
+                out[f"{k}/{name}-fresh"] = single_shot(defense, res.x_adv, ys, generator=generator(ctx, b, stream + 4))
+            else:
+                out[f"{k}/{name}"] = single_shot(defense, res.x_adv, ys, generator=generator(ctx, b, stream + 1))
+                if cfg.k and j == 0:
+                    out[f"{k}/robust_expected"] = expected_correct(defense, res.x_adv, ys, cfg.k,
+                                                                   generator=generator(ctx, b, stream + 2),
+                                                                   max_rows=cfg.batch_size * cfg.eot)
+            if j == 0:
+                out[f"{k}/loss"] = res.loss
+                out[f"{k}/zero_grad"] = res.zero_grad
+                if grid:
+                    out[f"grid/{k}/adv"] = res.x_adv[:g_n]
+                    with torch.inference_mode():
+                        head = None if res.noise is None else res.noise[:g_n]
+                        out[f"grid/{k}/purified"] = defense.purifier(res.x_adv[:g_n], noise=head,
+                                                                     generator=generator(ctx, b, stream + 3))
+        if s.mode == "eot" and s.group in dw_adv:  # DW-box adversarials against the served setting
+            out[f"{k}/dwbox-transfer"] = single_shot(defense, dw_adv[s.group][:n_eot], ys,
+                                                     generator=generator(ctx, b, stream + 1))
+    out["time_s"] = torch.tensor([time.time() - t0], dtype=torch.float64)
+    return {k: (v.float() if v.dtype == torch.bool else v).detach().cpu().contiguous() for k, v in out.items()}
+
+
+def batch_file(ctx: Ctx, b: int) -> Path:
+    return ctx.state / f"batch_{b:05d}.safetensors"
+
+
+def load_batch(ctx: Ctx, b: int) -> Optional[dict[str, torch.Tensor]]:
+    f = batch_file(ctx, b)
+    if not f.exists():
+        return None
+    try:
+        return load_file(f)
+    except Exception:  # a torn file from a kill mid-write: recompute that batch
+        return None
+
+
+def save_batch(ctx: Ctx, b: int, res: dict[str, torch.Tensor]) -> None:
+    f = batch_file(ctx, b)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    save_file(res, tmp)
+    os.replace(tmp, f)
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+def running(results: list[dict], keys: list[str]) -> dict[str, str]:
+    post = {}
+    for k in keys:
+        vals = [r[k] for r in results if k in r]
+        if vals:
+            post[k.replace("/pgd-ce", "").replace("clean_purified", "clean")] = f"{float(torch.cat(vals).mean()):.1%}"
+    return post
+
+
+def run_shard(ctx: Ctx, d: distributed.Dist) -> bool:
+    """This rank's batches (b % world == rank); True when all of them are saved."""
+    mine = [bt for bt in ctx.batches() if bt[0] % d.world_size == d.rank]
+    done = {b: r for b, r in ((bt[0], load_batch(ctx, bt[0])) for bt in mine) if r is not None}
+    keys = ["clean_purified"] + [f"{s.name}/pgd-ce" for s in ctx.settings]
+    bar = tqdm(total=sum(hi - lo for _, lo, hi in mine), initial=sum(hi - lo for b, lo, hi in mine if b in done),
+               desc=f"gate[{d.rank}]" if d.world_size > 1 else "gate", unit="img", position=d.rank,
+               dynamic_ncols=True, mininterval=1.0)
+    bar.set_postfix(running(list(done.values()), keys))
+    new = 0
+    for b, lo, hi in mine:
+        if b in done:
+            continue
+        if ctx.cfg.max_batches and new >= ctx.cfg.max_batches:
+            break
+        done[b] = eval_batch(ctx, b, lo, hi)
+        save_batch(ctx, b, done[b])
+        new += 1
+        bar.update(hi - lo)
+        bar.set_postfix(running(list(done.values()), keys))
+    bar.close()
+    return len(done) == len(mine)
+
+
+def wait_for_ranks(ctx: Ctx, d: distributed.Dist, run_id: str, complete: bool) -> bool:
+    """Ranks report through files, not a collective: a barrier would time out on multi-hour imbalances."""
+    _atomic_text(ctx.state / f"status-{run_id}-{d.rank}.json", json.dumps({"complete": complete}))
+    if not d.is_main:
+        return complete
+    files = [ctx.state / f"status-{run_id}-{r}.json" for r in range(d.world_size)]
+    while not all(f.exists() for f in files):
+        time.sleep(1.0)
+    ok = all(json.loads(f.read_text())["complete"] for f in files)
+    for f in files:
+        f.unlink(missing_ok=True)
+    return ok
+
+
+def merge(ctx: Ctx) -> dict[str, torch.Tensor]:
+    parts = [load_batch(ctx, b) for b, _, _ in ctx.batches()]
+    missing = [b for b, p in enumerate(parts) if p is None]
+    if missing:
+        raise RuntimeError(f"batches {missing} missing from {ctx.state}")
+    merged = {}
+    for k in dict.fromkeys(k for p in parts for k in p):
+        if k.startswith("grid/"):
+            merged[k] = parts[0][k]
+        elif k == "time_s":
+            merged[k] = torch.cat([p[k] for p in parts]).sum()
+        else:
+            merged[k] = torch.cat([p[k] for p in parts if k in p])
+    assert torch.equal(merged["index"], torch.arange(len(ctx.y))), "per-sample results out of order"
+    return merged
+
+
+def image_seeds(ctx: Ctx, s: Setting, n: int) -> list[int]:
+    """Per image, the seed of the generator that drew its noise (the batch's stream for the setting)."""
+    return [batch_seed(ctx.cfg, b, stream_of(s)) for b, lo, hi in ctx.batches() for _ in range(lo, hi)][:n]
+
+
+# ---- sanity checks on a small subset --------------------------------------------------------------------
+
+def sanity(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The three checks of dbp.sanity_checks on the first sanity_n images; cached in state/sanity.json."""
+    from .sanity_checks import eot_gradient_consistency, large_budget_check, transfer_check
+
+    cfg = ctx.cfg
+    f = ctx.state / "sanity.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    n = min(cfg.sanity_n, len(ctx.y))
+    x, y = ctx.x[:n].to(ctx.device), ctx.y[:n].to(ctx.device)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 7 + 12345)
+    out = {"n": n, "indices": list(range(n))}
+    out["large_budget_not_collapsed"] = large_budget_check(ctx.defense, x, y, steps=max(cfg.steps, 1),
+                                                           generator=gen).to_dict()
+    out["eot_gradient_inconsistent"] = eot_gradient_consistency(ctx.defense, x, y, k=cfg.eot, generator=gen).to_dict()
+    dw = next((s for s in ctx.settings if s.mode == "dwbox"), None)
+    if dw is not None:  # white-box DW-box outcome of these images (fresh noise of the card) vs transfer
+        wb = m[f"{dw.name}/pgd-ce-fresh"][:n].to(ctx.device)
+        out["transfer_beats_white_box"] = transfer_check(ctx.defense, ctx.defense.classifier, x, y, wb,
+                                                         attack_config(cfg, dw), generator=gen,
+                                                         source_name="bare classifier").to_dict()
+    _atomic_text(f, json.dumps(out))
+    return out
+
+
+# ---- card and gate -------------------------------------------------------------------------------------
+
+def find_thresholds(cfg: GateConfig, purifier_dir: Path) -> tuple[Optional[dict], Optional[str]]:
+    if cfg.thresholds:
+        path = Path(cfg.thresholds)
+        if not path.exists():
+            raise C.ConfigError(f"--thresholds {path} does not exist")
+    else:
+        path = next((p for p in (purifier_dir.parent / "gate.json", purifier_dir.parent.parent / "gate.json")
+                     if p.exists()), None)
+        if path is None:
+            return None, None
+    try:
+        th = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise C.ConfigError(f"cannot read thresholds file {path}: {e}") from None
+    try:
+        check_thresholds(th)
+    except ValueError as e:
+        raise C.ConfigError(f"thresholds file {path}: {e}") from None
+    return th, rel_path(path)
+
+
+def check_thresholds(th: Any) -> None:
+    """ValueError naming the first problem of a thresholds object."""
+    if not isinstance(th, dict):
+        raise ValueError("must hold a JSON object")
+    unknown = sorted(set(th) - THRESHOLD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; known: {sorted(THRESHOLD_KEYS)}")
+    for key in ("min_clean", "min_robust", "min_clean_bare", "bare_robust_max", "margin"):
+        vals = th.get(key)
+        vals = list(vals.values()) if isinstance(vals, dict) else [] if vals is None else [vals]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in vals):
+            raise ValueError(f"{key} must be a fraction in [0, 1] (or a map of setting name to fraction), "
+                             f"got {th[key]!r}")
+    for key, known in (("threat_models", tuple(THREAT_MODELS)), ("modes", MODES), ("fail_on_flags", ALL_FLAGS)):
+        vals = th.get(key, [])
+        if not isinstance(vals, list) or set(vals) - set(known):
+            raise ValueError(f"{key} must be a list of names from {list(known)}, got {vals!r}")
+    for key in ("min_steps", "min_eot", "sanity_n"):
+        if key in th and (not isinstance(th[key], int) or th[key] < 0):
+            raise ValueError(f"{key} must be a non-negative integer, got {th[key]!r}")
+    if "min_n" in th and (not isinstance(th["min_n"], dict) or set(th["min_n"]) - set(MODES)
+                          or not all(isinstance(v, int) and v >= 1 for v in th["min_n"].values())):
+        raise ValueError(f"min_n must map modes {list(MODES)} to integers >= 1, got {th['min_n']!r}")
+    if "alpha" in th and not (isinstance(th["alpha"], float) and 0 < th["alpha"] < 1):
+        raise ValueError(f"alpha must be in (0, 1), got {th['alpha']!r}")
+
+
+def rel_path(p: str | Path | None) -> Optional[str]:
+    """A path relative to the repository (or the working directory), never an absolute machine path."""
+    if p is None:
+        return None
+    p = Path(p).resolve()
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return p.name
+
+
+def lookup(value: Any, s: dict) -> Optional[float]:
+    """A per-setting threshold: by setting name, by 'threat_model:norm', else '*'."""
+    if isinstance(value, dict):
+        value = value.get(s["name"], value.get(f"{s.get('threat_model_name', 'paper')}:{s['threat_model']}",
+                                               value.get("*")))
+    return None if value is None else float(value)
+
+
+def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: Optional[dict], th: Optional[dict],
+               wall: float, world: int) -> dict:
+    from .sanity_checks import attack_ineffective
+
+    cfg, pur = ctx.cfg, ctx.defense.purifier
+    th = th or {}
+    n = len(ctx.y)
+    clean = {"bare": summarize(m["clean_bare"], "single-shot, bare classifier"),
+             "purified": summarize(m["clean_purified"], "single-shot (one fresh purification)")}
+    if cfg.k:
+        clean["purified_expected"] = summarize(m["clean_expected"], f"expected over k={cfg.k} purifications", k=cfg.k)
+    bare_robust = {}
+    for s in ctx.settings:
+        if s.group not in bare_robust:
+            bare_robust[s.group] = summarize(m[f"bare_robust/{s.group}"], "PGD on the bare classifier (no purifier)",
+                                             eps=s.eps, step=s.step, steps=cfg.bare_steps)
+    settings = []
+    for s in ctx.settings:
+        k = s.name
+        if f"{k}/pgd-ce" not in m:
+            continue
+        atk = attack_config(cfg, s)
+        nn_ = len(m[f"{k}/pgd-ce"])
+        if s.mode == "dwbox":
+            clean_c = m[f"{k}/clean"]
+            entry_clean = summarize(clean_c, "single-shot with the fixed DW-box noise")
+        else:
+            clean_c = m["clean_purified"][:nn_]
+            entry_clean = summarize(clean_c, "single-shot (one fresh purification)")
+        attacks = {a: m[f"{k}/{a}"] for a in ("pgd-ce", "apgd-ce", "apgd-dlr", "dwbox-transfer") if f"{k}/{a}" in m}
+        worst = worst_case(attacks)
+        robust = summarize(m[f"{k}/pgd-ce"], "PGD best iterate, single-shot " + (
+            "with the attack's fixed noise" if s.mode == "dwbox" else "(one fresh purification of x_adv)"))
+        expected = (summarize(m[f"{k}/robust_expected"], f"expected over k={cfg.k} purifications", k=cfg.k)
+                    if f"{k}/robust_expected" in m else None)
+        rec = OutcomeRecord.build(worst.correct, indices=m["index"][:nn_].tolist(), seeds=image_seeds(ctx, s, nn_),
+                                  dataset=ctx.dataset, split="test", setting=setting_key(cfg, s, pur))
+        extra = {}
+        if s.mode == "dwbox":
+            extra["fresh_noise"] = summarize(m[f"{k}/pgd-ce-fresh"], "the DW-box adversarial images under fresh "
+                                             "noise (the served setting), single-shot")
+            extra["last_iterate"] = summarize(m[f"{k}/last"], "PGD last iterate with the fixed noise (the paper's)")
+        bare = bare_robust[s.group]
+        flags = sanity_flags(clean_acc=entry_clean["acc"], robust_acc=worst.acc,
+                             zero_grad_frac=float(m[f"{k}/zero_grad"].mean()), randomized=randomized, mode=s.mode,
+                             eot=atk.eot, bare_robust_acc=bare["acc"],
+                             bare_max=lookup(th.get("bare_robust_max"), {"name": k, "threat_model": s.norm,
+                                                                          "threat_model_name": s.threat_model})
+                             if th.get("bare_robust_max") is not None else 0.1)
+        flags["attack_ineffective"] = attack_ineffective(clean_c, worst.correct, m[f"{k}/loss"]).to_dict()
+        settings.append({
+            "name": k, "threat_model_name": s.threat_model, "threat_model": s.norm, "eps": s.eps, "step": s.step,
+            "mode": s.mode,
+            "setting": "DW-box (noise fixed per batch)" if s.mode == "dwbox"
+                       else "stochastic white-box (EoT, fresh noise per sample), the served setting",
+            "attack": {"algorithm": "PGD", "steps": atk.steps, "eot": atk.eot, "eot_batched": atk.eot_batched,
+                       "keep": atk.keep, "init": "zero", "loss": "cross-entropy, untargeted",
+                       "also_ran": [a for a in attacks if a != "pgd-ce"],
+                       "gradient": "full backpropagation through every purification step; no BPDA, no surrogate"},
+            "forward_passes_per_sample": {"attack": atk.steps * atk.eot * len([a for a in attacks if "apgd" in a or
+                                                                               a == "pgd-ce"]),
+                                          "unet_calls_per_pass": pur.n_unet_calls},
+            "n": nn_, "clean": entry_clean, "robust": robust, "robust_expected": expected,
+            "worst_case": {k2: v for k2, v in worst.to_dict().items() if k2 not in ("per_image", "per_image_attack")},
+            "outcomes": rec.to_dict(), "worst_by": worst.by, **extra,
+            "bare_robust": bare,
+            "loss_trajectory": [float(v) for v in m[f"{k}/loss"].mean(0)],
+            "flags": flags,
+        })
+    card = {
+        "schema": SCHEMA,
+        "model": {"purifier": rel_path(ctx.purifier_dir), "classifier": rel_path(ctx.classifier_dir),
+                  "purifier_sha256": ctx.sha["purifier"], "classifier_sha256": ctx.sha["classifier"],
+                  "purifier_meta_sha256": meta_sha256(ctx.purifier_dir),
+                  "classifier_meta_sha256": meta_sha256(ctx.classifier_dir),
+                  "purifier_kind": load_meta(ctx.purifier_dir).get("kind"),
+                  "repository": rel_path(cfg.repository), "version": cfg.version,
+                  "purification": {"t_star": pur.t_star, "sampler": pur.sampler,
+                                   "num_inference_steps": pur.num_inference_steps, "unet_calls": pur.n_unet_calls}},
+        "data": {"dataset": ctx.dataset, "split": "test", "n": n, "n_eot": ctx.n_eot,
+                 "selection": f"first {n} test images (stochastic setting: first {ctx.n_eot})",
+                 "batch_size": cfg.batch_size},
+        "randomized": randomized,
+        "requirements": {"threat_models": list(th.get("threat_models", FLOOR["threat_models"])),
+                         "modes": list(th.get("modes", FLOOR["modes"])),
+                         "min_n": dict(th.get("min_n", FLOOR["min_n"])),
+                         "min_steps": int(th.get("min_steps", FLOOR["min_steps"])),
+                         "min_eot": int(th.get("min_eot", FLOOR["min_eot"]))},
+        "clean": clean, "bare_robust": bare_robust, "settings": settings, "sanity_checks": checks,
+        "git_commit": git_commit(), "wall_time_s": round(wall, 1),
+        "compute_time_s": round(float(m["time_s"]), 1), "world_size": world, "device": str(ctx.device),
+        "torch": torch.__version__,
+        "config": {k: v for k, v in C.to_dict(cfg).items() if k not in ("out_dir", "data_root")},
+    }
+    for key in ("purifier", "classifier", "repository", "thresholds", "baseline_card"):
+        if card["config"].get(key):
+            card["config"][key] = rel_path(card["config"][key])
+    card["binding"] = binding_sha256(card)
+    return card
+
+
+def setting_key(cfg: GateConfig, s: Setting, pur) -> str:
+    """What a per-image outcome depends on besides the model: two cards compare only if these agree."""
+    return (f"{s.name} eps={s.eps:.6g} steps={cfg.steps} eot={cfg.eot if s.mode == 'eot' else 1} keep={cfg.keep} "
+            f"apgd={cfg.apgd} {pur.sampler} t*={pur.t_star} N={pur.num_inference_steps}")
+
+
+def gate_robust(s: dict) -> float:
+    """The lowest robust accuracy over the protocols and attacks (Fixed-AutoAttack keeps the min)."""
+    vals = [(s.get("worst_case") or s["robust"])["acc"]]
+    if s.get("robust_expected"):
+        vals.append(s["robust_expected"]["acc"])
+    return min(vals)
+
+
+def gate_robust_interval(s: dict) -> tuple[float, float]:
+    stats = [s.get("worst_case") or s["robust"]] + ([s["robust_expected"]] if s.get("robust_expected") else [])
+    low = min(stats, key=lambda st: st["acc"])
+    return tuple(low["ci95"])
+
+
+def verdict(card: dict, th: Optional[dict], th_source: Optional[str] = None, baseline: Optional[dict] = None,
+            baseline_source: Optional[str] = None) -> dict:
+    """The gate's decision on a card: a pure function (fast unit tests on synthetic cards)."""
+    th = dict(th or {})
+    reasons: list[str] = []
+    if not th:
+        reasons.append("no thresholds configured: pass --thresholds FILE (configs/gate-*.json) or put gate.json "
+                       "next to the purifier checkpoint")
+    clean_bare_min = th.get("min_clean_bare")
+    if clean_bare_min is not None and card["clean"]["bare"]["acc"] < clean_bare_min:
+        reasons.append(f"bare classifier clean accuracy {card['clean']['bare']['acc']:.2%} < {clean_bare_min:.2%}")
+    fail_flags = th.get("fail_on_flags", list(ALL_FLAGS))
+    for s in card["settings"]:
+        name = s["name"]
+        robust = gate_robust(s)
+        lo = lookup(th.get("min_clean"), s)
+        if lo is not None and s["clean"]["acc"] < lo:
+            reasons.append(f"{name}: clean accuracy {s['clean']['acc']:.2%} < minimum {lo:.2%}")
+        lo = lookup(th.get("min_robust"), s)
+        if lo is not None and robust < lo:
+            reasons.append(f"{name}: robust accuracy {robust:.2%} < minimum {lo:.2%}")
+        margin = lookup(th.get("margin"), s)
+        bare = s.get("bare_robust") or card.get("bare_robust", {}).get(
+            f"{s.get('threat_model_name', 'paper')}:{s['threat_model']}")
+        if margin is not None:
+            if not bare:
+                reasons.append(f"{name}: no bare-classifier robust accuracy to judge the margin against")
+            else:
+                d_lo, b_hi = gate_robust_interval(s)[0], bare["ci95"][1]
+                if not d_lo > b_hi + margin:
+                    reasons.append(f"{name}: robust accuracy lower bound {d_lo:.2%} is not above the bare "
+                                   f"classifier's upper bound {b_hi:.2%} + margin {margin:.2%} (the purifier "
+                                   f"does not show added robustness)")
+        for f in fail_flags:
+            if s["flags"].get(f, {}).get("raised"):
+                reasons.append(f"{name}: sanity flag {f} raised (value {s['flags'][f]['value']}; see "
+                               f"docs/robustness-flags.md)")
+    checks = card.get("sanity_checks")
+    if not checks:
+        reasons.append("no sanity checks ran (--sanity_n 0)")
+    else:
+        for f in CHECK_FLAGS:
+            if f in fail_flags and (checks.get(f) or {}).get("raised"):
+                reasons.append(f"sanity check {f} raised ({checks[f]['detail']})")
+    req = {**card.get("requirements", {})}
+    probe = {**card, "requirements": req, "git_commit": "clean", "comparison": None}
+    reasons += [f"attack strength: {p}" for p in strength_problems(probe)]  # the commit is export's business
+    comparison = None
+    if baseline is not None:
+        comparison = paired_comparison(card, baseline, float(th.get("alpha", 0.05)), baseline_source)
+        card["comparison"] = comparison
+        reasons += comparison["reasons"]
+    return {"passed": not reasons, "reasons": reasons,
+            "thresholds": {**th, "source": th_source, "fail_on_flags": fail_flags,
+                           "robust_metric": "per-image min over attacks; min with the expected accuracy"}}
+
+
+def paired_comparison(card: dict, baseline: dict, alpha: float, source: Optional[str]) -> dict:
+    """Candidate vs baseline per setting on the same images and seeds: McNemar exact + paired interval."""
+    base = {s["name"]: s for s in baseline.get("settings", [])}
+    out: dict = {"baseline_card": source, "baseline_binding": baseline.get("binding"), "alpha": alpha,
+                 "settings": {}, "reasons": []}
+    for s in card["settings"]:
+        b = base.get(s["name"])
+        if b is None or not b.get("outcomes"):
+            out["reasons"].append(f"{s['name']}: the baseline card has no per-image outcomes for this setting")
+            continue
+        try:
+            res = compare(OutcomeRecord.from_dict(s["outcomes"]), OutcomeRecord.from_dict(b["outcomes"]), alpha)
+        except NotComparableError as e:
+            out["reasons"].append(f"{s['name']}: not comparable with the baseline: {e}")
+            continue
+        d = res.to_dict()
+        d["significantly_better"] = res.verdict == "significantly_better"
+        out["settings"][s["name"]] = d
+        if not res.promotable:
+            out["reasons"].append(f"{s['name']}: significantly worse than the baseline (McNemar p={res.p_value:.3g}, "
+                                  f"difference {res.diff:+.1%} [{res.ci95[0]:+.1%}, {res.ci95[1]:+.1%}])")
+    return out
+
+
+def write_outputs(ctx: Ctx, card: dict, m: dict[str, torch.Tensor]) -> None:
+    out = Path(ctx.cfg.out_dir)
+    write_card(card, out / "card.json")
+    plot_card(card, out)
+    if "grid/clean" not in m:
+        return
+    rows = [m["grid/clean"], m["grid/purified"]]
+    names = []
+    for s in ctx.settings:
+        if f"grid/{s.name}/adv" in m and len(m[f"grid/{s.name}/adv"]) == len(rows[0]):
+            rows += [m[f"grid/{s.name}/adv"], m[f"grid/{s.name}/purified"]]
+            names.append(s.name)
+    if len(rows[0]):
+        image_grid(rows, out / "grid.png")
+        (out / "grid.txt").write_text("rows, top to bottom: clean, purified clean, then for each of "
+                                      + ", ".join(names) + ": adversarial, purified adversarial\n")
+
+
+def summary_table(card: dict) -> str:
+    c = card["clean"]
+    lines = [f"clean: bare {c['bare']['acc']:.1%}, purified {c['purified']['acc']:.1%}"
+             + (f", purified expected {c['purified_expected']['acc']:.1%}" if "purified_expected" in c else "")
+             + " | bare robust: " + ", ".join(f"{k} {v['acc']:.1%}" for k, v in card["bare_robust"].items())]
+    for s in card["settings"]:
+        w = s.get("worst_case") or s["robust"]
+        lo, hi = w["ci95"]
+        exp = f", expected {s['robust_expected']['acc']:.1%}" if s.get("robust_expected") else ""
+        raised = [k for k, v in s["flags"].items() if v["raised"]]
+        lines.append(f"{s['name']:>18}: n={s['n']} clean {s['clean']['acc']:.1%}  robust {w['acc']:.1%} "
+                     f"[{lo:.1%}, {hi:.1%}]{exp}" + (f"  flags: {', '.join(raised)}" if raised else ""))
+    return "\n".join(lines)
+
+
+# ---- convergence -----------------------------------------------------------------------------------------
+
+def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: tuple[int, ...] = (10, 20, 50),
+                       out: Optional[Path] = None) -> dict:
+    """Robust accuracy vs PGD steps (DW-box, each threat model's first norm) and vs EoT samples (stochastic,
+    PGD --steps) on ctx's images: the card's figures are converged when the curves are flat. Resumable
+    per point (state/convergence.json); writes convergence.png."""
+    from .plots import _plt
+
+    cfg = ctx.cfg
+    out = Path(out or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / "convergence.json"
+    res = json.loads(f.read_text()) if f.exists() else {"points": {}}
+    x, y = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
+    groups = list(dict.fromkeys((s.threat_model, s.norm, s.eps, s.step) for s in ctx.settings))
+    todo = [(g, "dwbox", st, 1) for g in groups for st in steps] + [(g, "eot", cfg.steps, k) for g in groups
+                                                                    for k in eots]
+    for (tm, norm, eps, step), mode, st, k in tqdm(todo, desc="convergence"):
+        key = f"{tm}:{norm}:{mode}:steps={st}:eot={k}"
+        if key in res["points"]:
+            continue
+        gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+        acfg = AttackConfig(norm=norm, eps=eps, step=step, steps=st, eot=k, mode=mode, keep=cfg.keep)
+        r = build_attack(ctx.defense, acfg)(x, y, generator=gen)
+        c = (single_shot(ctx.defense, r.x_adv, y, noise=r.noise) if mode == "dwbox"
+             else expected_correct(ctx.defense, r.x_adv, y, max(cfg.k, 1), generator=gen))
+        res["points"][key] = {"acc": float(c.float().mean()), "ci95": list(mean_interval(c.float())), "n": len(y),
+                              "steps": st, "eot": k, "mode": mode, "threat_model": tm, "norm": norm, "eps": eps}
+        _atomic_text(f, json.dumps(res, indent=2))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, mode, xs, xl in ((axes[0], "dwbox", steps, "PGD steps (DW-box)"),
+                             (axes[1], "eot", eots, f"EoT samples (stochastic, PGD-{cfg.steps})")):
+        for tm, norm, eps, _ in groups:
+            pts = [res["points"][f"{tm}:{norm}:{mode}:steps={st if mode == 'dwbox' else cfg.steps}:"
+                                 f"eot={1 if mode == 'dwbox' else st}"] for st in xs]
+            acc = [p["acc"] for p in pts]
+            err = [[a - p["ci95"][0] for a, p in zip(acc, pts)], [p["ci95"][1] - a for a, p in zip(acc, pts)]]
+            ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=f"{tm} {norm} eps={eps:.3g}")
+        ax.set_xlabel(xl), ax.set_ylabel("robust accuracy (95% interval)"), ax.set_ylim(0, 1), ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"gate convergence, n={len(y)} images, {ctx.defense.purifier.sampler} "
+                 f"x{ctx.defense.purifier.n_unet_calls}")
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=110)
+    plt.close(fig)
+    return res
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------
+
+def run(cfg: GateConfig) -> int:
+    t0 = time.time()
+    validate(cfg)
+    use_deployed(cfg)
+    d = distributed.setup(cfg.device)
+    try:
+        th, th_source = find_thresholds(cfg, resolve_dirs(cfg)[0]) if cfg.gate else (None, None)
+        baseline = None
+        if cfg.gate and cfg.baseline_card:
+            try:
+                baseline = load_card(cfg.baseline_card)
+            except CardError as e:
+                raise C.ConfigError(str(e)) from None
+        ctx = build(cfg, d)
+        if cfg.report == "convergence":
+            if d.is_main:
+                convergence_report(ctx)
+                print(f"convergence: {Path(cfg.out_dir) / 'convergence.png'}")
+            return EXIT_PASS
+        check_state(ctx, d)
+        run_id = distributed.all_gather_object(uuid.uuid4().hex if d.is_main else None)[0]
+        complete = wait_for_ranks(ctx, d, run_id, run_shard(ctx, d))
+        if not d.is_main:
+            return EXIT_PASS if complete else EXIT_INCOMPLETE
+        if not complete:
+            print(f"stopped before all {len(ctx.batches())} batches were evaluated; per-sample results are in "
+                  f"{ctx.state}. Rerun the same command to continue.", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        m = merge(ctx)
+        with torch.no_grad():
+            randomized = is_randomized(ctx.defense, ctx.x[:4].to(ctx.device),
+                                       generator=torch.Generator(device=ctx.device).manual_seed(cfg.seed))
+        checks = sanity(ctx, m) if cfg.sanity_n else None
+        card = build_card(ctx, m, randomized, checks, th, time.time() - t0, d.world_size)
+        if cfg.gate:
+            card["gate"] = verdict(card, th, th_source, baseline, rel_path(cfg.baseline_card))
+        else:
+            card["gate"] = {"passed": False, "reasons": ["gate not evaluated (--gate false)"], "thresholds": {}}
+        write_outputs(ctx, card, m)
+        print(summary_table(card))
+        print(f"card: {Path(cfg.out_dir) / 'card.json'}")
+        if not cfg.gate:
+            return EXIT_PASS
+        if card["gate"]["passed"]:
+            print("GATE PASSED")
+            return EXIT_PASS
+        print("GATE FAILED:\n  " + "\n  ".join(card["gate"]["reasons"]), file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        distributed.teardown()
