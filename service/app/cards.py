@@ -32,11 +32,14 @@ def summarize(card: dict) -> dict:
     for s in card.get("settings") or []:
         if not isinstance(s, dict):
             continue
-        robust = s.get("robust") if isinstance(s.get("robust"), dict) else {}
+        # schema 2 cards judge the worst case over the attacks that ran; schema 1 has only `robust`
+        robust = next((s[k] for k in ("worst_case", "robust") if isinstance(s.get(k), dict)), {})
+        expected = s.get("robust_expected") if isinstance(s.get("robust_expected"), dict) else {}
         settings.append({"setting": str(s.get("name", "?")), "description": s.get("setting"),
-                         "threat_model": s.get("threat_model"), "eps": _num(s.get("eps")),
+                         "mode": s.get("mode"), "threat_model": s.get("threat_model"), "eps": _num(s.get("eps")),
                          "n": s.get("n") if isinstance(s.get("n"), int) else robust.get("n"),
-                         "robust_accuracy": _num(robust.get("acc")), "ci95": _ci(robust.get("ci95"))})
+                         "robust_accuracy": _num(robust.get("acc")), "ci95": _ci(robust.get("ci95")),
+                         "expected_robust_accuracy": _num(expected.get("acc"))})
     gate = card.get("gate") if isinstance(card.get("gate"), dict) else {}
     return {"gate_passed": gate.get("passed") if isinstance(gate.get("passed"), bool) else None,
             "dataset": data.get("dataset"), "n": data.get("n") if isinstance(data.get("n"), int) else None,

@@ -45,11 +45,17 @@ class Purification(BaseModel):
 class RobustAccuracy(BaseModel):
     setting: str = Field(..., examples=["linf-dwbox"])
     description: Optional[str] = Field(None, examples=["DW-box (noise fixed per batch, plain PGD)"])
+    mode: Optional[str] = Field(None, description="dwbox (noise fixed per batch) or eot (fresh noise, the "
+                                "served setting)", examples=["eot"])
     threat_model: Optional[str] = Field(None, examples=["linf"])
     eps: Optional[float] = Field(None, examples=[0.0314])
     n: Optional[int] = Field(None, examples=[64])
-    robust_accuracy: Optional[float] = Field(None, examples=[0.578])
+    robust_accuracy: Optional[float] = Field(None, description="the gate's figure: the worst case over the "
+                                             "attacks that ran (schema 2 cards), else the single attack's",
+                                             examples=[0.578])
     ci95: Optional[list[float]] = Field(None, examples=[[0.456, 0.691]])
+    expected_robust_accuracy: Optional[float] = Field(None, description="expected over k purifications, where "
+                                                      "the card has it", examples=[0.61])
 
 
 class RobustnessSummary(BaseModel):

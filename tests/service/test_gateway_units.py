@@ -53,3 +53,18 @@ def test_an_incomplete_interface_says_what_is_missing(params, match):
     pur = {"input": [{"name": "IMAGES", "dims": ["-1", "-1", "-1"]}]}
     with pytest.raises(InterfaceError, match=match):
         pair_info(1, pur, {}, {"parameters": params}, meta("PURIFIED"), meta("PROBS", "LABEL"))
+
+
+def test_card_summary_reads_both_card_schemas():
+    from service.app.cards import summarize
+    v2 = {"schema": "dbp.robustness_card/2", "gate": {"passed": True}, "data": {"dataset": "fashion_mnist", "n": 64},
+          "clean": {"purified": {"acc": 0.9, "ci95": [0.8, 0.95]}},
+          "settings": [{"name": "linf-eot", "mode": "eot", "threat_model": "linf", "eps": 0.03, "n": 32,
+                        "robust": {"acc": 0.7, "ci95": [0.5, 0.8]}, "worst_case": {"acc": 0.6, "ci95": [0.4, 0.7]},
+                        "robust_expected": {"acc": 0.65}}]}
+    s = summarize(v2)
+    assert s["gate_passed"] and s["clean_accuracy"] == 0.9 and s["n"] == 64
+    assert s["settings"][0]["robust_accuracy"] == 0.6 and s["settings"][0]["expected_robust_accuracy"] == 0.65
+    v1 = {"settings": [{"name": "tiny", "robust": {"acc": 0.5}}, "junk"], "gate": "bad"}
+    s1 = summarize(v1)
+    assert s1["settings"][0]["robust_accuracy"] == 0.5 and s1["gate_passed"] is None and len(s1["settings"]) == 1
