@@ -73,7 +73,7 @@ class CurveConfig:
     grad_checkpoint: str = "auto"  # true / false / auto (dbp.grad_checkpointing)
     channels_last: bool = True  # NHWC chain: faster on CPU (benchmarks/bench_attack.py), same up to float rounding
     alpha: float = 0.05  # level of the paired McNemar tests in the table
-    out_dir: str = "runs/addt13/curve"
+    out_dir: str = "runs/learning_curve"  # outside runs/addt13/, which the training runs own
     figure: str = "docs/figures/addt_learning_curve.png"
     max_models: int = 0  # evaluate at most this many new models, then stop (exit 3); 0: all
     threads: int = 1
