@@ -7,13 +7,14 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 FASHION_DIR ?= $(or $(DBP_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 
-.PHONY: up down test venv data system bench help
+.PHONY: up triton test venv data system bench help
 # Debian packages the tests drive for real: a Prometheus server (+promtool), headless Chromium (demo page),
 # docker-compose 1.x (parses the compose file without an engine). Installed when running as root.
 DEB_PACKAGES := prometheus chromium docker-compose
 DEB_PROBES := /usr/bin/prometheus /usr/bin/promtool /usr/bin/chromium /usr/bin/docker-compose
 help:
-	@echo "make up    - start the serving stack (Triton with model_repository/)"
+	@echo "make up    - start the serving stack (Triton + REST gateway; Ctrl-C stops both)"
+	@echo "make triton - start Triton alone with model_repository/"
 	@echo "make test  - create .venv, install pinned deps and data, run the test suite"
 	@echo "make bench - run the benchmarks/ scripts (slow; figures go in README)"
 
@@ -55,8 +56,13 @@ test: venv data system
 bench: venv data
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
-# Triton on loopback, HTTP :8000 gRPC :8001 metrics :8002 (override: make up TRITON_ARGS="--http-port 9000 ...").
-# Foreground until Ctrl-C; new version dirs written by `python -m training.export` are picked up by polling.
-# dbp-triton is the console script of dbp.serving.launcher (pyproject [project.scripts]).
+# The serving stack: Triton with model_repository/ (loopback HTTP :8000, gRPC :8001, metrics :8002), then the
+# REST gateway on :8080; waits for the gateway's /readyz, prints the API/docs/demo URLs, Ctrl-C stops both.
+# Override e.g. make up STACK_ARGS="--port 9080 --api-key ...". New version dirs written by
+# `python -m training.export` are picked up by Triton's polling; the gateway switches pairs by itself.
 up: venv
+	$(VPY) -m service.stack $(STACK_ARGS)
+
+# Triton alone (dbp-triton is the console script of dbp.serving.launcher, pyproject [project.scripts]).
+triton: venv
 	$(VENV)/bin/dbp-triton --repo model_repository $(TRITON_ARGS)

@@ -75,10 +75,13 @@ def test_cli_serves_until_interrupted(tmp_path):
             proc.wait()
 
 
-def test_make_up_and_module_form_start_the_same_launcher():
-    r = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+def test_make_targets_and_module_form_start_the_same_launcher():
+    r = subprocess.run(["make", "-n", "triton"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert ".venv/bin/dbp-triton --repo model_repository" in r.stdout
+    r = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "-m service.stack" in r.stdout  # Triton + gateway (service/stack.py starts this same launcher)
     r = subprocess.run([sys.executable, "-m", "dbp.serving.launcher", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "usage: dbp-triton" in r.stdout and "--repo" in r.stdout
