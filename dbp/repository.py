@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 WEIGHTS_DIR = "weights"
 CARD_FILE = "robustness_card.json"
 EXPORT_FILE = "export.json"
+WAIVER_FILE = "card_waiver.json"  # see check_version
 MODEL_FILE = "model.py"
 CONFIG_FILE = "config.pbtxt"
 TMP_PREFIX = ".export-"  # versions are built under this hidden name, then renamed into place
@@ -122,22 +123,59 @@ def set_parameter(config: str | Path, key: str, value: Any) -> None:
 
 # ---- what the server accepts --------------------------------------------------------------------
 
-def check_version(version: str | Path, role: str) -> dict[str, Any]:
-    """The card of a version dir, if it passed the gate and was computed on exactly its weights.
+def purification_settings(repo: str | Path) -> dict[str, Any]:
+    """The purifier's served settings (t_star, sampler, num_inference_steps) from its config.pbtxt."""
+    params = read_parameters(model_dir(repo, "purifier") / CONFIG_FILE)["parameters"]
+    return {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps") if k in params}
 
-    The server refuses anything else, so a directory copied in by hand cannot bypass export's check.
+
+def check_version(version: str | Path, role: str, purification: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The card of a version dir, if it passed the gate, was computed on exactly its weights and meta.json,
+    with the purification settings the server runs (`purification`, from its config.pbtxt; default: the
+    model dir's config.pbtxt for a purifier), and shows the minimum attack strength (dbp.card).
+
+    The server refuses anything else, so a directory copied in by hand cannot bypass export's check. The one
+    exception is a `card_waiver.json` beside the card naming that card's exact sha256 (WAIVER_FILE): it
+    lets a version whose card predates the strength rules keep serving, loudly, while its new card is
+    computed; weights, meta and purification settings must still match and the old gate must have passed.
+    Export never honours a waiver.
     """
-    from .card import CardError, card_passes_for, load_card
+    from .card import CardError, card_bound_to, load_card, strength_problems
 
     version = Path(version)
     try:
         card = load_card(version / CARD_FILE)
     except CardError as e:
         raise RepositoryError(f"{version}: {e}; publish versions with `python -m training.export`") from None
-    ok, reason = card_passes_for(card, {role: version / WEIGHTS_DIR})
+    if purification is None and role == "purifier" and (version.parent / CONFIG_FILE).exists():
+        purification = purification_settings(version.parent.parent)
+    ok, reason = card_bound_to(card, {role: version / WEIGHTS_DIR}, purification)
     if not ok:
         raise RepositoryError(f"{version}: refusing to serve: {reason}")
+    problems = strength_problems(card)
+    if problems:
+        waiver = _waiver(version)
+        if waiver is None:
+            raise RepositoryError(f"{version}: refusing to serve: card below the minimum attack strength: "
+                                  + "; ".join(problems))
+        card = {**card, "waiver": {**waiver, "problems": problems}}
     return card
+
+
+def _waiver(version: Path) -> Optional[dict]:
+    import hashlib
+
+    f = version / WAIVER_FILE
+    if not f.exists():
+        return None
+    try:
+        w = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    card_sha = hashlib.sha256((version / CARD_FILE).read_bytes()).hexdigest()
+    if not isinstance(w, dict) or w.get("card_sha256") != card_sha or not str(w.get("reason", "")).strip():
+        return None
+    return w
 
 
 def serving_weights(ckpt_dir: str | Path) -> Path:
@@ -224,6 +262,17 @@ def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, p
     _fsync_tree(tmp)
 
 
+def _rel(p: str | Path) -> str:
+    """A provenance path relative to the checkout (or the working directory), never an absolute machine path."""
+    p = Path(p).resolve()
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return p.name
+
+
 def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
             provenance: Mapping[str, Any] | None = None, log=print) -> int:
     """Add sources[role] (checkpoint dirs, already checked) as version N of each role; returns N.
@@ -246,9 +295,8 @@ def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
                 shutil.rmtree(t, ignore_errors=True)
         version = max([0] + [v for role in ROLES for v in versions(model_dir(repo, role))]) + 1
         prov = {"version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-                "card": str(Path(card_path).resolve()),
-                "sources": {r: {"dir": str(Path(p).resolve()), "sha256": ckpt.weights_sha256(p)}
-                            for r, p in sources.items()},
+                "card": _rel(card_path),
+                "sources": {r: {"dir": _rel(p), "sha256": ckpt.weights_sha256(p)} for r, p in sources.items()},
                 **(provenance or {})}
         tmps = {r: d / f"{TMP_PREFIX}{version}-{secrets.token_hex(4)}" for r, d in dirs.items()}
         try:

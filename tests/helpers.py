@@ -18,23 +18,61 @@ import numpy as np
 import pytest
 
 from dbp import repository
-from dbp.card import SCHEMA
+from dbp.card import SCHEMA, THREAT_MODELS, binding_sha256, meta_sha256
 from dbp.checkpoint import weights_sha256
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / repository.DEFAULT_REPO
+# what the committed purifier/config.pbtxt serves: t_star 100, DDIM, 100 steps
+DEFAULT_PURIFICATION = {"t_star": 100, "sampler": "ddim", "num_inference_steps": 100}
 
 
 # ---- cards and repositories -------------------------------------------------------------------------
 
-def write_card(path: Path, purifier: Path, classifier: Path, passed: bool = True) -> Path:
-    """A minimal robustness card bound to these weights (no gate run: for export/serving tests only)."""
+def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, purification: dict | None = None,
+                   steps: int = 20, eot: int = 10, n: dict | None = None, modes=("dwbox", "eot"),
+                   threat_models=("paper", "fashion"), expected: bool = True, commit: str = "0" * 40) -> dict:
+    """A card bound to these weights, meta.json and purification settings (no gate run: for export/serving
+    tests). The defaults meet the attack-strength rules of dbp.card (both threat models and modes, PGD-20,
+    EoT-10 with expected accuracy, n 64/16, a clean commit); the keywords make it fall short on purpose."""
+    pur = {**DEFAULT_PURIFICATION, **(purification or {})}
+    n = {"dwbox": 64, "eot": 16, **(n or {})}
+    settings = []
+    for tm in threat_models:
+        for norm, (eps, step) in THREAT_MODELS[tm].items():
+            for md in modes:
+                settings.append({"name": f"{norm}-{md}" + ("" if tm == "paper" else f"@{tm}"), "threat_model_name": tm,
+                                 "threat_model": norm, "eps": eps, "step": step, "mode": md, "n": n[md],
+                                 "attack": {"algorithm": "PGD", "steps": steps, "eot": eot if md == "eot" else 1},
+                                 "robust": {"acc": 0.5, "ci95": [0.4, 0.6], "n": n[md]},
+                                 "robust_expected": ({"acc": 0.5, "ci95": [0.4, 0.6], "n": n[md]}
+                                                     if md == "eot" and expected else None)})
     card = {"schema": SCHEMA,
-            "model": {"purifier_sha256": weights_sha256(purifier), "classifier_sha256": weights_sha256(classifier)},
+            "model": {"purifier_sha256": weights_sha256(purifier), "classifier_sha256": weights_sha256(classifier),
+                      "purifier_meta_sha256": meta_sha256(purifier), "classifier_meta_sha256": meta_sha256(classifier),
+                      "purification": {k: type(v)(v) for k, v in pur.items()}},
+            "data": {"dataset": "fashion_mnist", "n": n["dwbox"]},
+            "clean": {"purified": {"acc": 0.8, "ci95": [0.7, 0.9]}},
+            "randomized": True, "git_commit": commit,
+            "requirements": {"threat_models": list(threat_models), "modes": list(modes), "min_n": {"dwbox": 64, "eot": 16},
+                             "min_steps": 20, "min_eot": 10},
             "gate": {"passed": passed, "reasons": [] if passed else ["robust accuracy 0.10 < 0.30"]},
-            "settings": [{"name": "tiny-test", "robust": {"acc": 0.5}}]}
-    path.write_text(json.dumps(card))
+            "settings": settings}
+    card["binding"] = binding_sha256(card)
+    return card
+
+
+def served_purification(repo: Path) -> dict:
+    """The purification settings a repository's purifier/config.pbtxt serves, typed as a card records them."""
+    served = repository.purification_settings(repo)
+    return {"t_star": int(served["t_star"]), "sampler": served["sampler"],
+            "num_inference_steps": int(served["num_inference_steps"])}
+
+
+def write_card(path: Path, purifier: Path, classifier: Path, passed: bool = True, **kw) -> Path:
+    """synthetic_card written to `path` (see there for the keywords)."""
+    path.write_text(json.dumps(synthetic_card(purifier, classifier, passed, **kw)))
     return path
 
 
@@ -54,7 +92,7 @@ def export_repo(root: Path, purifier_ckpt: Path, classifier_ckpt: Path, **purifi
     (repo / "purify_classify" / "1").mkdir(exist_ok=True)
     for key, value in purifier_params.items():
         repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, key, value)
-    card = write_card(root / "card.json", purifier_ckpt, classifier_ckpt)
+    card = write_card(root / "card.json", purifier_ckpt, classifier_ckpt, purification=served_purification(repo))
     assert export.export(purifier_ckpt, classifier_ckpt, card, repo) == 1
     shutil.rmtree(repo / "purifier" / "1" / "__pycache__")
     return repo

@@ -85,3 +85,36 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
     assert export.main(argv) == 0
     assert entries(repo / "purifier") == ["2", "3", "config.pbtxt", "model.py"]
     assert json.loads((repo / "classifier" / "3" / "export.json").read_text())["version"] == 3
+
+
+@pytest.mark.parametrize("card_kw, words", [
+    (dict(modes=("dwbox",)), "no paper linf eps=0.03137 eot setting"),  # randomized purifier, no EoT
+    (dict(steps=2, eot=2, n={"dwbox": 8, "eot": 8}), "PGD-2 < the minimum 20"),  # --preset smoke
+    (dict(purification={"t_star": 50}), "t_star: served '100' vs card 50"),
+    (dict(commit="abc-dirty"), "not a clean commit"),
+])
+def test_export_refuses_weak_or_unbound_cards(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, card_kw,
+                                              words):
+    card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, **card_kw)
+    with pytest.raises(export.ExportError, match="refusing to export") as e:
+        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    assert words in str(e.value)
+    assert entries(repo / "purifier") == ["config.pbtxt", "model.py"]
+
+
+def test_export_refuses_a_card_significantly_worse_than_its_baseline(repo, tmp_path, tiny_diffusion_ckpt,
+                                                                     tiny_classifier_ckpt):
+    from helpers import synthetic_card
+    card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    card["comparison"] = {"settings": {"linf-dwbox": {"verdict": "significantly_worse", "promotable": False}}}
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(export.ExportError, match="paired comparison linf-dwbox: significantly_worse"):
+        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+
+
+def test_provenance_records_no_absolute_paths(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    prov = (repo / "purifier" / "1" / "export.json").read_text()
+    assert str(tmp_path) not in prov and "/tmp" not in prov and json.loads(prov)["sources"]["purifier"]["sha256"]

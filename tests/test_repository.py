@@ -8,8 +8,8 @@ import pytest
 
 from dbp import config as C
 from dbp import repository
+from dbp import gate
 from helpers import MODEL_REPOSITORY, copy_repo_configs, write_card
-from training import gate
 
 
 def test_versions_ignore_temporary_and_foreign_dirs(tmp_path):
@@ -66,11 +66,69 @@ def test_check_version_binds_the_card_to_the_weights(tmp_path, tiny_diffusion_ck
 
 
 def test_committed_versions_pass_their_cards():
+    """Every shipped version is served: its card meets the rules, or a waiver bound to that exact card says
+    why not (and is reported at load)."""
     for role in repository.ROLES:
         vs = repository.versions(MODEL_REPOSITORY / role)
         assert vs, f"no deployed {role}"
         for v in vs:
-            repository.check_version(repository.version_dir(MODEL_REPOSITORY, role, v), role)
+            card = repository.check_version(repository.version_dir(MODEL_REPOSITORY, role, v), role)
+            assert card["gate"]["passed"]
+            if "waiver" in card:
+                assert card["waiver"]["problems"] and card["waiver"]["reason"]
+
+
+def _version(tmp_path, ckpt, cls_ckpt, **card_kw):
+    """repo/purifier/1 holding the tiny purifier and a synthetic card (keywords: see helpers.synthetic_card)."""
+    repo = copy_repo_configs(tmp_path / "model_repository")
+    v = repo / "purifier" / "1"
+    shutil.copytree(ckpt, v / repository.WEIGHTS_DIR)
+    write_card(v / repository.CARD_FILE, ckpt, cls_ckpt, **card_kw)
+    return repo, v
+
+
+@pytest.mark.parametrize("card_kw, words", [
+    (dict(modes=("dwbox",)), "no paper linf eps=0.03137 eot setting"),
+    (dict(expected=False), "no expected accuracy"),
+    (dict(eot=1), "EoT 1 < the minimum 10"),
+    (dict(steps=2, n={"dwbox": 8, "eot": 4}), "PGD-2 < the minimum 20"),  # the smoke preset's strength
+    (dict(n={"dwbox": 8}), "n=8 < the minimum 64"),
+    (dict(threat_models=("fashion",)), "no paper l2 eps=0.5 dwbox"),
+    (dict(commit="abc123-dirty"), "not a clean commit"),
+])
+def test_server_refuses_cards_below_the_attack_strength(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt,
+                                                        card_kw, words):
+    repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, **card_kw)
+    with pytest.raises(repository.RepositoryError, match="minimum attack strength") as e:
+        repository.check_version(v, "purifier")
+    assert words in str(e.value)
+
+
+def test_card_is_bound_to_the_served_purification_and_meta(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    assert repository.check_version(v, "purifier")["gate"]["passed"]
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "t_star", 50)  # t* 100 -> 50
+    with pytest.raises(repository.RepositoryError, match="t_star: served '50' vs card 100"):
+        repository.check_version(v, "purifier")
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "t_star", 100)
+    assert repository.check_version(v, "purifier")
+    meta = json.loads((v / "weights" / "meta.json").read_text())
+    meta["arch"]["note"] = "another architecture claim"
+    (v / "weights" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(repository.RepositoryError, match="meta.json .* is not the architecture"):
+        repository.check_version(v, "purifier")
+
+
+def test_a_waiver_is_bound_to_one_card(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    import hashlib
+    repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, modes=("dwbox",))
+    waiver = {"card_sha256": hashlib.sha256((v / repository.CARD_FILE).read_bytes()).hexdigest(), "reason": "old card"}
+    (v / repository.WAIVER_FILE).write_text(json.dumps(waiver))
+    card = repository.check_version(v, "purifier")
+    assert card["waiver"]["reason"] == "old card" and "eot setting" in " ".join(card["waiver"]["problems"])
+    write_card(v / repository.CARD_FILE, tiny_diffusion_ckpt, tiny_classifier_ckpt, modes=("dwbox",), steps=5)
+    with pytest.raises(repository.RepositoryError, match="minimum attack strength"):  # another card: no waiver
+        repository.check_version(v, "purifier")
 
 
 def test_training_clis_default_to_the_deployed_models(tmp_path, monkeypatch, capsys):

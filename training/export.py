@@ -3,8 +3,10 @@
   python -m training.export --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
       --card runs/gate/card.json [--repo model_repository]
 
-Refuses unless the robustness card passed the gate AND was computed on exactly these weights
-(dbp.card.card_passes). Each version dir is built under a hidden temporary name inside the model dir and
+Refuses unless the robustness card passed the gate AND was computed on exactly these weights, their
+meta.json and the repository's purification settings (purifier/config.pbtxt), AND shows the minimum
+attack strength of issue 9 (dbp.card.strength_problems: threat models, both modes, PGD-20, EoT-10,
+minimum n, a clean commit, a promotable paired comparison if it holds one). Each version dir is built under a hidden temporary name inside the model dir and
 renamed into place, so a polling Triton never sees half a version. Only the serving weights travel (EMA
 if present, else the raw weights; never the optimizer). Version dirs beyond the config's
 `version_policy { latest { num_versions: N } }` are deleted: rolling back = deleting the newest dir.
@@ -78,13 +80,16 @@ def check_interface(repo: Path, eps, cls) -> None:
             raise ExportError(f"{cfg} names {len(names)} classes but the classifier has {n} outputs")
 
 
-def check_card(card_path: Path, purifier: Path, classifier: Path) -> dict:
-    from dbp.card import CardError, card_passes, load_card
+def check_card(card_path: Path, purifier: Path, classifier: Path, repo: Optional[Path] = None) -> dict:
+    """The card passed, is bound to these weights, meta.json and the repository's purification settings
+    (purifier/config.pbtxt), shows the minimum attack strength, and any paired comparison is promotable."""
+    from dbp.card import CardError, card_passes_for, load_card
     try:
         card = load_card(card_path)
     except CardError as e:
         raise ExportError(str(e)) from None
-    ok, reason = card_passes(card, purifier, classifier)
+    served = repository.purification_settings(repo) if repo is not None else None
+    ok, reason = card_passes_for(card, {"purifier": purifier, "classifier": classifier}, served)
     if not ok:
         raise ExportError(f"refusing to export: {reason}")
     print(f"card ok: {reason}")
@@ -99,7 +104,7 @@ def export(purifier: str | Path, classifier: str | Path, card: str | Path,
         repository.check_layout(repo)
         check_checkpoint(purifier, "purifier")
         check_checkpoint(classifier, "classifier")
-        check_card(card, purifier, classifier)
+        check_card(card, purifier, classifier, repo)
         check_interface(repo, *check_models_load(purifier, classifier))
         return repository.publish(repo, {"purifier": purifier, "classifier": classifier}, card)
     except RepositoryError as e:

@@ -7,6 +7,7 @@ and the result split back, one answer per request.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,12 +31,19 @@ class Version:
     card: Optional[dict]
 
 
-def load_version(version_dir: str | Path, role: str, require_card: bool = True) -> Version:
-    """Read <version>/weights (a dbp checkpoint dir) and the card beside it (dbp.repository.check_version)."""
+def load_version(version_dir: str | Path, role: str, require_card: bool = True,
+                 purification: Optional[dict] = None) -> Version:
+    """Read <version>/weights (a dbp checkpoint dir) and the card beside it (dbp.repository.check_version).
+
+    `purification`: the settings this server runs (config.pbtxt); a card measured with others is refused."""
     version_dir = Path(version_dir)
     weights = version_dir / repository.WEIGHTS_DIR
     meta = ckpt.load_meta(weights)
-    card = repository.check_version(version_dir, role) if require_card else None
+    card = repository.check_version(version_dir, role, purification) if require_card else None
+    if card and card.get("waiver"):
+        print(f"WARNING: serving {version_dir} under a card waiver ({card['waiver'].get('reason')}): its card does "
+              f"not meet the attack-strength rules: {'; '.join(card['waiver']['problems'])}", file=sys.stderr,
+              flush=True)
     return Version(version_dir, weights, meta, card)
 
 
@@ -64,7 +72,9 @@ class PurifierService:
                  require_card: bool = True):
         _set_threads(settings.threads)
         self.settings = settings
-        self.version = load_version(version_dir, "purifier", require_card)
+        self.version = load_version(version_dir, "purifier", require_card,
+                                    {"t_star": settings.t_star, "sampler": settings.sampler,
+                                     "num_inference_steps": settings.num_inference_steps})
         eps = load_unet(self.version.weights)
         self.purifier = Purifier(eps, t_star=settings.t_star, sampler=settings.sampler,
                                  num_inference_steps=settings.num_inference_steps).eval()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Client, images, running_triton, seeds, votes, write_card
+from helpers import Client, images, running_triton, seeds, served_purification, votes, write_card
 from training import export
 
 pytest.importorskip("tritonclient.http")
@@ -177,7 +177,8 @@ def test_new_version_is_picked_up_with_no_failed_request(server, repo, tiny_diff
     for t in threads:
         t.start()
     try:
-        card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
+        card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt,
+                          purification=served_purification(repo))
         assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo) == 2
         deadline = time.monotonic() + 300  # two torch stubs starting on a possibly busy 2-core machine
         while True:
