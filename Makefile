@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 FASHION_DIR ?= $(or $(DBP_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 
-.PHONY: up triton test venv data system bench help
+.PHONY: up triton test venv data system bench loadtest drills dashboard dashboard-plot help
 # Debian packages the tests drive for real: a Prometheus server (+promtool), headless Chromium (demo page),
 # docker-compose 1.x (parses the compose file without an engine). Installed when running as root.
 DEB_PACKAGES := prometheus chromium docker-compose
@@ -17,6 +17,9 @@ help:
 	@echo "make triton - start Triton alone with model_repository/"
 	@echo "make test  - create .venv, install pinned deps and data, run the test suite"
 	@echo "make bench - run the benchmarks/ scripts (slow; figures go in README)"
+	@echo "make loadtest - locust, headless, against a local stack it starts (CSV + HTML under runs/loadtest)"
+	@echo "make drills   - soak, overload, Triton SIGKILL and version-swap drills, long form (JSON report)"
+	@echo "make dashboard / dashboard-plot - regenerate the Grafana JSON / plot its queries over a load test"
 
 venv: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
@@ -54,7 +57,7 @@ test: venv data system
 	$(VPY) -m pytest -q
 
 bench: venv data
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do m=$$(basename $$b .py); echo "== benchmarks.$$m"; $(VPY) -m benchmarks.$$m || exit 1; done
 
 # The serving stack: Triton with model_repository/ (loopback HTTP :8000, gRPC :8001, metrics :8002), then the
 # REST gateway on :8080; waits for the gateway's /readyz, prints the API/docs/demo URLs, Ctrl-C stops both.
@@ -66,3 +69,13 @@ up: venv
 # Triton alone (dbp-triton is the console script of dbp.serving.launcher, pyproject [project.scripts]).
 triton: venv
 	$(VENV)/bin/dbp-triton --repo model_repository $(TRITON_ARGS)
+
+# Operations (loopback only, bounded in users and time): see monitoring/README.md.
+loadtest: venv data system
+	$(VPY) -m loadtests.run $(LOADTEST_ARGS)
+drills: venv data system
+	$(VPY) -m loadtests.drills --long $(DRILLS_ARGS)
+dashboard: venv
+	$(VPY) -m monitoring.grafana.dashboard
+dashboard-plot: venv data system
+	$(VPY) -m monitoring.plot --duration 90s --out docs/figures/ops_dashboard.png

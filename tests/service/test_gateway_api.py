@@ -173,6 +173,8 @@ def test_metrics_count_what_happened(gateway, fashion_pngs):
     assert delta('dbp_gateway_triton_duration_seconds_count{endpoint="/classify"}') == 1
     assert delta('dbp_gateway_request_duration_seconds_count{endpoint="/purify"}') == 1
     assert after["dbp_gateway_in_flight_requests"] == 0
+    # process metrics of the gateway itself (the soak drill's memory growth, the dashboard's memory panel)
+    assert after["process_resident_memory_bytes"] > 10e6 and after["process_cpu_seconds_total"] > 0
 
 
 def test_api_key_on_and_off(gateway_factory, gateway, fashion_pngs):

@@ -4,7 +4,7 @@ Each app gets its own CollectorRegistry, so several apps in one process (tests) 
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 # Purification takes seconds on CPU; the sub-second buckets keep health checks and rejections visible.
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
@@ -17,6 +17,9 @@ ENDPOINTS = ("/classify", "/purify", "/livez", "/readyz", "/metrics", "/", "/doc
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes, process_cpu_seconds_total...: the soak drill and the dashboard watch them
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter("dbp_gateway_requests_total", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.duration = Histogram("dbp_gateway_request_duration_seconds", "Gateway latency per request",
