@@ -65,3 +65,39 @@ def test_random_weight_purifier_is_rejected_by_the_paired_comparison(tmp_path, t
                              "--seed", "1", "--baseline_card", str(baseline)]) == 1
     card = json.loads((tmp_path / "seed1" / "card.json").read_text())
     assert any("not comparable" in r for r in card["comparison"]["reasons"])
+
+
+def test_server_refuses_a_card_for_another_t_star(tmp_path, tiny_classifier_ckpt, tiny_diffusion_ckpt):
+    """The Triton model's load path (PurifierService, settings from config.pbtxt) rejects a card measured
+    with other purification settings, and a card without the EoT setting."""
+    import pytest
+
+    from dbp import repository
+    from helpers import export_repo, load_services, write_card
+
+    repo = export_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    load_services(repo)  # as exported: loads
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "t_star", 50)
+    with pytest.raises(repository.RepositoryError, match="t_star: served 50 vs card 100"):
+        load_services(repo)
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "t_star", 100)
+    write_card(repo / "purifier" / "1" / repository.CARD_FILE, tiny_diffusion_ckpt, tiny_classifier_ckpt,
+               modes=("dwbox",))
+    with pytest.raises(repository.RepositoryError, match="no paper linf eps=0.03137 eot setting"):
+        load_services(repo)
+
+
+def test_convergence_report_plots_accuracy_against_steps_and_eot(tmp_path, tiny_classifier_ckpt,
+                                                                 tiny_diffusion_ckpt):
+    from dbp import distributed
+    cfg = G.GateConfig(purifier=str(tiny_diffusion_ckpt), classifier=str(tiny_classifier_ckpt), n_images=4,
+                       threat_models=("paper",), norms=("linf",), sampler="ddpm", num_inference_steps=10, steps=2,
+                       k=2, out_dir=str(tmp_path))
+    ctx = G.build(cfg, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    res = G.convergence_report(ctx, steps=(1, 3), eots=(1, 2))
+    assert len(res["points"]) == 4 and (tmp_path / "convergence.png").stat().st_size > 1000
+    pts = res["points"]
+    # best-iterate tracking: more DW-box steps never leave more images correct (same start, same noise)
+    assert pts["paper:linf:dwbox:steps=3:eot=1"]["acc"] <= pts["paper:linf:dwbox:steps=1:eot=1"]["acc"]
+    again = G.convergence_report(ctx, steps=(1, 3), eots=(1, 2))  # resumable: nothing recomputed
+    assert again == res
