@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbp.card import SCHEMA, card_passes, load_card
+from dbp.card import SCHEMA, card_bound_to, card_passes, load_card
 from dbp.checkpoint import load_meta, load_weights, save_checkpoint
 from dbp.models import Defense, Purifier
 from dbp.robustness import (expected_correct, is_randomized, mean_interval, sanity_flags, single_shot, wilson)
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # 8 images in 2 batches, l_inf, both settings, DDPM with 2 UNet calls: seconds per run, every code path
 EVAL_ARGS = ["--n_images", "8", "--batch_size", "4", "--norms", "linf", "--modes", "dwbox,eot", "--sampler", "ddpm",
              "--num_inference_steps", "10", "--steps", "2", "--eot", "2", "--k", "2", "--bare_steps", "5",
-             "--grid_n", "4", "--threads", "1"]
+             "--grid_n", "4", "--threads", "1", "--threat_models", "paper", "--sanity_n", "2"]
 
 
 def ckpt_args(cls_ckpt, diff_ckpt):
@@ -100,12 +100,17 @@ def test_card_contents_and_plots(full_run, tiny_classifier_ckpt, tiny_diffusion_
         assert 0 <= lo <= s["robust"]["acc"] <= hi <= 1
         assert len(s["loss_trajectory"]) == 2 and s["forward_passes_per_sample"]["unet_calls_per_pass"] == 2
         assert set(s["flags"]) == {"robust_above_clean", "zero_gradients", "randomness_without_eot",
-                                   "bare_not_collapsed"}
+                                   "bare_not_collapsed", "attack_ineffective"}
+        assert s["worst_case"]["acc"] <= s["robust"]["acc"] and len(s["outcomes"]["outcomes"]) == s["n"]
+        assert not any(str(v).startswith("/") for v in (card["model"]["purifier"], card["model"]["classifier"]))
     dw = next(s for s in card["settings"] if s["mode"] == "dwbox")
     eot = next(s for s in card["settings"] if s["mode"] == "eot")
     assert dw["robust"]["acc"] <= dw["clean"]["acc"]  # same fixed noise for both: robust <= clean
     assert eot["attack"]["eot"] == 2 and eot["robust_expected"]["k"] == 2 and dw["robust_expected"] is None
-    assert card["randomized"] is True and card["git_commit"]
+    assert dw["fresh_noise"]["n"] == 8 and dw["last_iterate"]["acc"] >= dw["robust"]["acc"]  # best <= last
+    assert set(card["sanity_checks"]) >= {"large_budget_not_collapsed", "eot_gradient_inconsistent",
+                                          "transfer_beats_white_box"}
+    assert card["randomized"] is True and card["git_commit"] and card["binding"]
     assert card["gate"]["passed"] is False  # --gate false never produces a passing card
     for png in ("accuracy.png", "grid.png", "loss.png"):
         assert (full_run / png).stat().st_size > 1000
@@ -113,56 +118,61 @@ def test_card_contents_and_plots(full_run, tiny_classifier_ckpt, tiny_diffusion_
     assert not ok and "gate failed" in why
 
 
-def test_trivial_gate_passes_and_impossible_gate_fails(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt,
-                                                      tmp_path, capsys):
+def test_trivial_gate_fails_only_on_strength_and_impossible_gate_fails(full_run, tiny_classifier_ckpt,
+                                                                       tiny_diffusion_ckpt, tmp_path, capsys):
     before = {f: f.stat().st_mtime_ns for f in (full_run / "state").glob("batch_*")}
     trivial = write_json(tmp_path / "trivial.json", {"min_clean": 0.0, "min_robust": 0.0, "fail_on_flags": []})
     args = ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS + ["--out_dir", str(full_run)]
-    assert gate.main(args + ["--thresholds", str(trivial)]) == 0
+    assert gate.main(args + ["--thresholds", str(trivial)]) == 1  # a smoke-strength run never passes
     card = load_card(full_run / "card.json")
-    assert card["gate"]["passed"] and card["gate"]["thresholds"]["source"] == str(trivial)
-    assert card_passes(full_run / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)[0]
+    reasons = card["gate"]["reasons"]
+    assert reasons and all(r.startswith("attack strength:") for r in reasons), reasons
+    assert any("PGD-2 < the minimum 20" in r for r in reasons) and any("EoT 2 < the minimum 10" in r for r in reasons)
+    assert card["gate"]["thresholds"]["source"] == str(trivial.name) or card["gate"]["thresholds"]["source"]
     assert {f: f.stat().st_mtime_ns for f in (full_run / "state").glob("batch_*")} == before  # nothing re-run
 
-    robust = min(s["robust"]["acc"] for s in card["settings"])
+    robust = min(s["worst_case"]["acc"] for s in card["settings"])
     assert robust < 1.0  # otherwise the threshold below would not be impossible
     impossible = write_json(tmp_path / "impossible.json", {"min_robust": {"*": 1.0}, "fail_on_flags": []})
     capsys.readouterr()
     assert gate.main(args + ["--thresholds", str(impossible)]) == 1
     err = capsys.readouterr().err
     assert "GATE FAILED" in err and "robust accuracy" in err and "< minimum 100.00%" in err
-    card = load_card(full_run / "card.json")
-    assert not card["gate"]["passed"] and card["gate"]["reasons"]
-    ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert not ok and "minimum" in why
 
-    # "no worse than the deployed card by more than X": a baseline 100% robust fails a 1-point drop budget
+    # paired comparison: the run against its own card is not significantly different; against a card
+    # whose outcomes came from another noise draw it is not comparable
+    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(full_run / "card.json")]) == 1
+    card = load_card(full_run / "card.json")
+    assert all(c["verdict"] == "not_significantly_different" for c in card["comparison"]["settings"].values())
+    assert not card["comparison"]["reasons"]
     base = json.loads((full_run / "card.json").read_text())
     for s in base["settings"]:
-        for proto in ("robust", "robust_expected"):
-            if s[proto]:
-                s[proto]["acc"] = 1.0
+        s["outcomes"]["seeds"] = 999
     baseline = write_json(tmp_path / "baseline.json", base)
-    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(baseline), "--max_drop", "0.01"]) == 1
-    assert "below the baseline" in capsys.readouterr().err
-    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(full_run / "card.json"),
-                             "--max_drop", "0.0"]) == 0
+    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(baseline)]) == 1
+    assert "not comparable with the baseline" in capsys.readouterr().err
 
 
 def test_card_passes_rejects_other_weights(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
     card = json.loads((full_run / "card.json").read_text())
     card["gate"] = {"passed": True, "reasons": [], "thresholds": {}}
-    ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    ok, why = card_bound_to(card, {"purifier": tiny_diffusion_ckpt, "classifier": tiny_classifier_ckpt})
     assert ok, why
+    ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    assert not ok and "minimum attack strength" in why
     other = tmp_path / "cls2"
     weights = {k: v + 1e-3 if v.is_floating_point() else v for k, v in load_weights(tiny_classifier_ckpt).items()}
     save_checkpoint(other, load_meta(tiny_classifier_ckpt), weights)
-    ok, why = card_passes(card, tiny_diffusion_ckpt, other)
+    ok, why = card_bound_to(card, {"purifier": tiny_diffusion_ckpt, "classifier": other})
     assert not ok and "classifier weights" in why and "not the weights the card was computed on" in why
     ok, why = card_passes(card, tiny_diffusion_ckpt, tmp_path / "missing")
     assert not ok and "cannot hash" in why
     ok, why = card_passes({**card, "schema": "other/1"}, tiny_diffusion_ckpt, tiny_classifier_ckpt)
     assert not ok and "schema" in why
+    edited = json.loads(json.dumps(card))
+    edited["model"]["purification"]["t_star"] = 50
+    ok, why = card_bound_to(edited, {"purifier": tiny_diffusion_ckpt})
+    assert not ok and "binding hash" in why
 
 
 def test_resume_continues_from_saved_batches(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path, capsys):
@@ -192,10 +202,10 @@ def test_repository_version_with_gate_json_next_to_model(full_run, tiny_classifi
     write_json(repo / "purifier" / "1" / "gate.json", {"min_robust": 0.0, "fail_on_flags": []})
     out = tmp_path / "repo-gate"
     shutil.copytree(full_run / "state", out / "state")  # same weights and settings: the saved results apply
-    assert gate.main(["--repository", str(repo), "--version", "1", "--out_dir", str(out)] + EVAL_ARGS) == 0
+    assert gate.main(["--repository", str(repo), "--version", "1", "--out_dir", str(out)] + EVAL_ARGS) == 1
     card = load_card(out / "card.json")
-    assert card["model"]["version"] == 1 and card["gate"]["thresholds"]["source"].endswith("purifier/1/gate.json")
-    assert card_passes(card, repo / "purifier" / "1" / "weights", repo / "classifier" / "1" / "weights")[0]
+    assert card["model"]["version"] == 1 and card["gate"]["thresholds"]["source"].endswith("gate.json")
+    assert all(r.startswith("attack strength:") for r in card["gate"]["reasons"])
 
 
 def test_torchrun_shards_match_single_process(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
