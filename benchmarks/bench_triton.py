@@ -52,9 +52,14 @@ def prepare_repo(src: Path, work: Path, args) -> Path:
         cfg.write_text(re.sub(r"max_queue_delay_microseconds: \d+", delay, cfg.read_text()))
     pur_v, cls_v = newest_version(src / "purifier"), newest_version(src / "classifier")
     if pur_v and cls_v:
-        pur, cls = repository.weights_dir(src, "purifier", pur_v), repository.weights_dir(src, "classifier", cls_v)
-        card = repository.version_dir(src, "purifier", pur_v) / repository.CARD_FILE
-        print(f"weights: {pur.parent} + {cls.parent}")
+        # the deployed pair as it is served (card, and waiver where one stands): a re-export would need a card
+        # that meets today's gate rules, and the server checks the copy exactly as it checks the original
+        for role, v in (("purifier", pur_v), ("classifier", cls_v)):
+            shutil.copytree(repository.version_dir(src, role, v), repository.version_dir(repo, role, v),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            repository.check_version(repository.version_dir(repo, role, v), role)
+        print(f"weights: {src}/purifier/{pur_v} + {src}/classifier/{cls_v}")
+        return repo
     else:
         from dbp.nets import build_classifier, build_unet
         pur, cls = work / "ckpt" / "purifier", work / "ckpt" / "classifier"
