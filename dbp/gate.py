@@ -504,7 +504,7 @@ def find_thresholds(cfg: GateConfig, purifier_dir: Path) -> tuple[Optional[dict]
         check_thresholds(th)
     except ValueError as e:
         raise C.ConfigError(f"thresholds file {path}: {e}") from None
-    return th, rel_path(path)
+    return th, repository.relative_path(path)
 
 
 def check_thresholds(th: Any) -> None:
@@ -532,19 +532,6 @@ def check_thresholds(th: Any) -> None:
         raise ValueError(f"min_n must map modes {list(MODES)} to integers >= 1, got {th['min_n']!r}")
     if "alpha" in th and not (isinstance(th["alpha"], float) and 0 < th["alpha"] < 1):
         raise ValueError(f"alpha must be in (0, 1), got {th['alpha']!r}")
-
-
-def rel_path(p: str | Path | None) -> Optional[str]:
-    """A path relative to the repository (or the working directory), never an absolute machine path."""
-    if p is None:
-        return None
-    p = Path(p).resolve()
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        try:
-            return str(p.relative_to(root))
-        except ValueError:
-            continue
-    return p.name
 
 
 def lookup(value: Any, s: dict) -> Optional[float]:
@@ -626,12 +613,13 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
         })
     card = {
         "schema": SCHEMA,
-        "model": {"purifier": rel_path(ctx.purifier_dir), "classifier": rel_path(ctx.classifier_dir),
+        "model": {"purifier": repository.relative_path(ctx.purifier_dir),
+                  "classifier": repository.relative_path(ctx.classifier_dir),
                   "purifier_sha256": ctx.sha["purifier"], "classifier_sha256": ctx.sha["classifier"],
                   "purifier_meta_sha256": meta_sha256(ctx.purifier_dir),
                   "classifier_meta_sha256": meta_sha256(ctx.classifier_dir),
                   "purifier_kind": load_meta(ctx.purifier_dir).get("kind"),
-                  "repository": rel_path(cfg.repository), "version": cfg.version,
+                  "repository": repository.relative_path(cfg.repository), "version": cfg.version,
                   "purification": {"t_star": pur.t_star, "sampler": pur.sampler,
                                    "num_inference_steps": pur.num_inference_steps, "unet_calls": pur.n_unet_calls}},
         "data": {"dataset": ctx.dataset, "split": "test", "n": n, "n_eot": ctx.n_eot,
@@ -651,7 +639,7 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
     }
     for key in ("purifier", "classifier", "repository", "thresholds", "baseline_card"):
         if card["config"].get(key):
-            card["config"][key] = rel_path(card["config"][key])
+            card["config"][key] = repository.relative_path(card["config"][key])
     card["binding"] = binding_sha256(card)
     return card
 
@@ -877,7 +865,7 @@ def run(cfg: GateConfig) -> int:
         checks = sanity(ctx, m) if cfg.sanity_n else None
         card = build_card(ctx, m, randomized, checks, th, time.time() - t0, d.world_size)
         if cfg.gate:
-            card["gate"] = verdict(card, th, th_source, baseline, rel_path(cfg.baseline_card))
+            card["gate"] = verdict(card, th, th_source, baseline, repository.relative_path(cfg.baseline_card))
         else:
             card["gate"] = {"passed": False, "reasons": ["gate not evaluated (--gate false)"], "thresholds": {}}
         write_outputs(ctx, card, m)

@@ -262,8 +262,10 @@ def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, p
     _fsync_tree(tmp)
 
 
-def _rel(p: str | Path) -> str:
+def relative_path(p: str | Path | None) -> Optional[str]:
     """A provenance path relative to the checkout (or the working directory), never an absolute machine path."""
+    if p is None:
+        return None
     p = Path(p).resolve()
     for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
         try:
@@ -295,8 +297,8 @@ def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
                 shutil.rmtree(t, ignore_errors=True)
         version = max([0] + [v for role in ROLES for v in versions(model_dir(repo, role))]) + 1
         prov = {"version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-                "card": _rel(card_path),
-                "sources": {r: {"dir": _rel(p), "sha256": ckpt.weights_sha256(p)} for r, p in sources.items()},
+                "card": relative_path(card_path),
+                "sources": {r: {"dir": relative_path(p), "sha256": ckpt.weights_sha256(p)} for r, p in sources.items()},
                 **(provenance or {})}
         tmps = {r: d / f"{TMP_PREFIX}{version}-{secrets.token_hex(4)}" for r, d in dirs.items()}
         try:
