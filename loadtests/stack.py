@@ -58,6 +58,18 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> int:
+    """SIGTERM (uvicorn drains and exits), SIGKILL to its whole session if it has not gone after grace_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class GatewayConfig:
     max_in_flight: int = 32
@@ -110,15 +122,9 @@ class GatewayProcess:
     def stop(self) -> Optional[int]:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        rc = stop_process(self.proc)
         self._log.close()
-        rc, self.proc = self.proc.returncode, None
+        self.proc = None
         return rc
 
     @property

@@ -9,7 +9,6 @@ import collections
 import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from typing import Optional
 
 import httpx
 import numpy as np
+
+from loadtests.stack import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("DBP_TEST_ARTEFACTS", ROOT / "runs" / "test-artefacts"))
@@ -77,14 +78,7 @@ class Gateway:
     def stop(self) -> Optional[int]:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        rc = self.proc.returncode
+        rc = stop_process(self.proc)
         self.proc = None
         return rc
 
