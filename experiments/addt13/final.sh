@@ -14,6 +14,6 @@ py=${PYTHON:-.venv/bin/python}
 common=(--preset cpu --purifier "$purifier" --classifier model_repository/classifier/1/weights
         --sampler ddim --num_inference_steps 100 --t_star 100 --threat_models paper --sanity_n 0
         --batch_size 16 --seed 0 --threads 1 --gate false)
-nice -n 10 "$py" -m training.gate "${common[@]}" --norms linf --modes dwbox eot --n_images 512 --n_images_eot 64 \
+nice -n 10 "$py" -m training.gate "${common[@]}" --norms linf --modes dwbox,eot --n_images 512 --n_images_eot 64 \
   --out_dir "$out/$name-linf"
 nice -n 10 "$py" -m training.gate "${common[@]}" --norms l2 --modes dwbox --n_images 256 --out_dir "$out/$name-l2"
