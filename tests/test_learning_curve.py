@@ -70,7 +70,13 @@ def test_curve_evaluates_every_model_once_and_resumes(runs, tiny_diffusion_ckpt,
     snapshot(tiny_diffusion_ckpt, runs / "clean", 20, 2e-3, 4)
     snapshot(tiny_diffusion_ckpt, runs / "clean", 30, 3e-3, 5)
     assert learning_curve.main(a + ["--max_models", "1"]) == learning_curve.EXIT_INCOMPLETE
+    capsys.readouterr()
+    # --max_models took clean/step_000020; --every 20 leaves step 30 for a run without it
+    assert learning_curve.main(a + ["--every", "20"]) == 0
+    assert "5 cached, 0 to evaluate" in capsys.readouterr().err
+    assert len(json.loads((runs / "curve" / "results.json").read_text())["models"]) == 5
     assert learning_curve.main(a) == 0
+    assert "5 cached, 1 to evaluate" in capsys.readouterr().err
     assert len(json.loads((runs / "curve" / "results.json").read_text())["models"]) == 6
 
 

@@ -76,6 +76,8 @@ class CurveConfig:
     out_dir: str = "runs/learning_curve"  # outside runs/addt13/, which the training runs own
     figure: str = "docs/figures/addt_learning_curve.png"
     max_models: int = 0  # evaluate at most this many new models, then stop (exit 3); 0: all
+    every: int = 0  # evaluate only snapshots whose step is a multiple of this (0: all): a coarse curve first,
+    #                 a later run without it fills in the rest; cached models are always in the table
     threads: int = 1
     device: str = "cpu"
 
@@ -97,6 +99,7 @@ class ModelSpec:
 
 def validate(cfg: CurveConfig) -> None:
     for name, lo in (("n_images", 1), ("first_image", 0), ("steps", 1), ("batch_size", 1), ("max_models", 0),
+                     ("every", 0),
                      ("num_inference_steps", 1)):
         if getattr(cfg, name) < lo:
             raise C.ConfigError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
@@ -368,12 +371,14 @@ def main(argv=None) -> int:
     for m in models:
         have = cache["models"].get(m.key)
         if have is None or have.get("sha256") != weights_sha256(m.path, cfg.which):
-            todo.append(m)
-    cached = len(models) - len(todo)
+            if not cfg.every or m.step % cfg.every == 0:
+                todo.append(m)
+    cached = sum(m.key in cache["models"] for m in models)
     stopped_early = bool(cfg.max_models) and len(todo) > cfg.max_models
     if stopped_early:
         todo = todo[:cfg.max_models]
-    print(f"{len(models)} models: {cached} cached, {len(todo)} to evaluate on {len(indices)} held-out images",
+    skipped = f", {len(models) - cached - len(todo)} left for later (--every {cfg.every})" if cfg.every else ""
+    print(f"{len(models)} models: {cached} cached, {len(todo)} to evaluate on {len(indices)} held-out images{skipped}",
           file=sys.stderr, flush=True)
     for m in tqdm(todo, desc="models", unit="model"):
         cache["models"][m.key] = evaluate_model(cfg, m, classifier, x, y, indices, seeds, device)
