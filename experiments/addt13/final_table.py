@@ -1,0 +1,116 @@
+"""Issue 13: the final table from the cards of experiments/addt13/final.sh, with the paired tests.
+
+  .venv/bin/python experiments/addt13/final_table.py [--runs runs/final] [--copy docs/results/addt13]
+
+Reads <runs>/<model>-{linf,l2}/card.json for the models base, clean1500 and addt1500; prints a markdown table
+(accuracy with 95% Wilson intervals; EoT expected accuracy with its normal interval) and the paired
+comparisons ADDT vs clean, ADDT vs base, clean vs base per setting (dbp.gate.paired_comparison: McNemar's
+exact test and Newcombe's interval on the per-image outcomes, which every card keeps with its images and
+seeds). --copy also writes the cards and the table (final.md, final.json) there, for committing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from dbp.card import load_card  # noqa: E402
+from dbp.gate import paired_comparison  # noqa: E402
+
+MODELS = {"base": "base (v1, the served purifier)", "clean1500": "clean fine-tuning, 1500 steps",
+          "addt1500": "ADDT, 1500 steps"}
+PAIRS = [("addt1500", "clean1500"), ("addt1500", "base"), ("clean1500", "base")]
+
+
+def pct(d: dict | None) -> str:
+    if not d:
+        return "-"
+    lo, hi = d["ci95"]
+    return f"{d['acc']:.1%} [{lo:.1%}, {hi:.1%}]"
+
+
+def load(runs: Path) -> dict[str, dict[str, dict]]:
+    cards: dict[str, dict[str, dict]] = {}
+    for name in MODELS:
+        for norm in ("linf", "l2"):
+            p = runs / f"{name}-{norm}" / "card.json"
+            if p.exists():
+                cards.setdefault(name, {})[norm] = load_card(p)
+    return cards
+
+
+def settings_of(cards: dict[str, dict]) -> dict[str, dict]:
+    return {s["name"]: s for c in cards.values() for s in c["settings"]}
+
+
+def table(cards: dict[str, dict[str, dict]]) -> tuple[str, dict]:
+    out = {"models": {}, "paired": {}}
+    lines = ["| model | clean purified (fixed noise) | DW-box l_inf 8/255 | ... last iterate | ... its images, "
+             "fresh noise | EoT-10 l_inf single-shot | EoT-10 expected (k=10) | DW-box l_2 0.5 | bare classifier "
+             "l_inf / l_2 |", "|" + "---|" * 9]
+    for name, label in MODELS.items():
+        if name not in cards:
+            continue
+        s = settings_of(cards[name])
+        li, eo, l2 = s.get("linf-dwbox"), s.get("linf-eot"), s.get("l2-dwbox")
+        bare = [c["bare_robust"] for c in cards[name].values()]
+        bare_txt = " / ".join(f"{v['acc']:.1%}" for b in bare for v in b.values())
+        row = {"clean": li and li["clean"], "linf_dwbox": li and li["worst_case"],
+               "linf_dwbox_last": li and li.get("last_iterate"), "linf_dwbox_fresh": li and li.get("fresh_noise"),
+               "linf_eot": eo and eo["worst_case"], "linf_eot_expected": eo and eo.get("robust_expected"),
+               "l2_dwbox": l2 and l2["worst_case"]}
+        out["models"][name] = row
+        lines.append(f"| {label} (n={li['n'] if li else '-'}/{eo['n'] if eo else '-'}/{l2['n'] if l2 else '-'}) | "
+                     + " | ".join(pct(row[k]) for k in ("clean", "linf_dwbox", "linf_dwbox_last", "linf_dwbox_fresh",
+                                                         "linf_eot", "linf_eot_expected", "l2_dwbox"))
+                     + f" | {bare_txt} |")
+    lines += ["", "Paired tests (same images, same seeds and fixed noise; per-image minimum over the attacks run):", "",
+              "| candidate vs baseline | setting | n | candidate only / baseline only | difference [95%] | McNemar p "
+              "| verdict |", "|" + "---|" * 7]
+    for cand, base in PAIRS:
+        if cand not in cards or base not in cards:
+            continue
+        for norm in ("linf", "l2"):
+            if norm not in cards[cand] or norm not in cards[base]:
+                continue
+            cmp = paired_comparison(cards[cand][norm], cards[base][norm], 0.05, f"{base}-{norm}")
+            for setting, d in cmp["settings"].items():
+                out["paired"][f"{cand} vs {base}: {setting}"] = d
+                lines.append(f"| {cand} vs {base} | {setting} | {d['n']} | {d['table']['only_candidate_right']} / {d['table']['only_baseline_right']} | "
+                             f"{d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}] | {d['p_value']:.3g} | "
+                             f"{d['verdict']} |")
+            for r in cmp["reasons"]:
+                lines.append(f"| {cand} vs {base} | {r} | | | | | |")
+    return "\n".join(lines), out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="experiments/addt13/final_table.py")
+    ap.add_argument("--runs", default="runs/final")
+    ap.add_argument("--copy", default=None, help="directory to copy the cards and the table into")
+    a = ap.parse_args(argv)
+    runs = Path(a.runs)
+    cards = load(runs)
+    if not cards:
+        print(f"no cards under {runs}/<model>-<norm>/card.json", file=sys.stderr)
+        return 2
+    md, data = table(cards)
+    print(md)
+    if a.copy:
+        dst = Path(a.copy)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, by_norm in cards.items():
+            for norm in by_norm:
+                shutil.copy(runs / f"{name}-{norm}" / "card.json", dst / f"{name}-{norm}.json")
+        (dst / "final.md").write_text(md + "\n")
+        (dst / "final.json").write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
