@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
 from dbp.card import load_card  # noqa: E402
 from dbp.gate import paired_comparison  # noqa: E402
 
@@ -48,7 +51,30 @@ def settings_of(cards: dict[str, dict]) -> dict[str, dict]:
     return {s["name"]: s for c in cards.values() for s in c["settings"]}
 
 
-def table(cards: dict[str, dict[str, dict]]) -> tuple[str, dict]:
+def expected_scores(runs: Path, name: str, setting: str = "linf-eot") -> torch.Tensor | None:
+    """Per-image expected accuracy over k purifications (the card keeps only its mean): from the run's state."""
+    files = sorted((runs / f"{name}-linf" / "state").glob("batch_*.safetensors"))
+    parts = [load_file(f).get(f"{setting}/robust_expected") for f in files]
+    parts = [t for t in parts if t is not None]
+    return torch.cat(parts).double() if parts else None
+
+
+def paired_scores(a: torch.Tensor, b: torch.Tensor, draws: int = 100_000) -> dict:
+    """Paired difference of per-image scores in [0, 1]: mean, normal 95% interval, and a two-sided sign-flip
+    permutation p-value (no distributional assumption; seeded, so the table is reproducible)."""
+    d = a - b
+    n = d.numel()
+    mean, se = float(d.mean()), float(d.std(unbiased=True)) / n ** 0.5
+    g = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (draws, n), generator=g, dtype=torch.float64) * 2 - 1
+    null = (signs * d).mean(1).abs()
+    p = float(((null >= abs(mean) - 1e-12).sum() + 1) / (draws + 1))
+    return {"n": n, "diff": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "p_value": p,
+            "method": "paired mean difference of per-image expected accuracy; normal interval; sign-flip "
+                      f"permutation test, {draws} draws"}
+
+
+def table(cards: dict[str, dict[str, dict]], runs: Path) -> tuple[str, dict]:
     out = {"models": {}, "paired": {}}
     lines = ["| model | clean purified (fixed noise) | DW-box l_inf 8/255 | ... last iterate | ... its images, "
              "fresh noise | EoT-10 l_inf single-shot | EoT-10 expected (k=10) | DW-box l_2 0.5 | bare classifier "
@@ -86,6 +112,13 @@ def table(cards: dict[str, dict[str, dict]]) -> tuple[str, dict]:
                              f"{d['verdict']} |")
             for r in cmp["reasons"]:
                 lines.append(f"| {cand} vs {base} | {r} | | | | | |")
+        ea, eb = expected_scores(runs, cand), expected_scores(runs, base)
+        if ea is not None and eb is not None and len(ea) == len(eb):
+            d = paired_scores(ea, eb)
+            out["paired"][f"{cand} vs {base}: linf-eot expected"] = d
+            lines.append(f"| {cand} vs {base} | linf-eot, expected over k (per-image scores) | {d['n']} | - | "
+                         f"{d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}] | {d['p_value']:.3g} "
+                         f"(sign-flip) | - |")
     return "\n".join(lines), out
 
 
@@ -99,7 +132,7 @@ def main(argv=None) -> int:
     if not cards:
         print(f"no cards under {runs}/<model>-<norm>/card.json", file=sys.stderr)
         return 2
-    md, data = table(cards)
+    md, data = table(cards, runs)
     print(md)
     if a.copy:
         dst = Path(a.copy)
