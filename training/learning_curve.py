@@ -367,13 +367,13 @@ def main(argv=None) -> int:
     cache = load_cache(cache_path, eval_key(cfg, classifier_sha))
     cache["config"] = C.to_dict(cfg)
 
-    todo = []
+    missing = []  # not evaluated yet, or the weights changed since
     for m in models:
         have = cache["models"].get(m.key)
         if have is None or have.get("sha256") != weights_sha256(m.path, cfg.which):
-            if not cfg.every or m.step % cfg.every == 0:
-                todo.append(m)
-    cached = sum(m.key in cache["models"] for m in models)
+            missing.append(m)
+    todo = [m for m in missing if not cfg.every or m.step % cfg.every == 0]
+    cached = len(models) - len(missing)
     stopped_early = bool(cfg.max_models) and len(todo) > cfg.max_models
     if stopped_early:
         todo = todo[:cfg.max_models]
@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         write_json(cache_path, cache)  # after every model: a kill loses at most the model in progress
     write_json(cache_path, cache)
 
-    entries = {m.key: cache["models"][m.key] for m in models if m.key in cache["models"]}
+    stale = {m.key for m in missing} - {m.key for m in todo}  # changed weights left for later: not in the table
+    entries = {m.key: cache["models"][m.key] for m in models if m.key in cache["models"] and m.key not in stale}
     rows = sorted((summarize(e) for e in entries.values()), key=lambda r: (r["arm"] != "base", r["arm"], r["step"]))
     comps = comparisons(entries, cfg.alpha)
     subset = {"dataset": cfg.dataset, "split": "test", "n": len(indices), "indices": indices,
