@@ -23,6 +23,7 @@ from typing import Optional
 import psutil
 
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
+from service.stack import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,18 +57,6 @@ def tree_rss(pid: int) -> int:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> int:
-    """SIGTERM (uvicorn drains and exits), SIGKILL to its whole session if it has not gone after grace_s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
 
 
 @dataclass

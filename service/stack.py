@@ -58,13 +58,15 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
-def _stop(proc: Optional[subprocess.Popen], timeout: float, sig: int = signal.SIGTERM) -> Optional[int]:
+def stop_process(proc: Optional[subprocess.Popen], grace_s: float = 20.0) -> Optional[int]:
+    """SIGTERM (uvicorn and Triton drain and exit), SIGKILL to its whole session if it has not gone after
+    grace_s; the exit code (None for no process). Shared with loadtests.stack."""
     if proc is None:
         return None
     if proc.poll() is None:
-        proc.send_signal(sig)
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -120,8 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         rc = 1
     finally:
-        g = _stop(gateway, 20)
-        t = _stop(triton, 120)
+        g = stop_process(gateway, 20)
+        t = stop_process(triton, 120)
         print(f"stopped: gateway {g}, Triton {t}", file=sys.stderr, flush=True)
         # uvicorn re-raises the SIGTERM it handled, so -15 after its clean shutdown is a normal stop
         if rc == 0 and (g not in (0, -signal.SIGTERM, None) or t not in (0, None)):
