@@ -20,6 +20,8 @@ API (pure functions, no torch needed beyond what `dbp.robustness` imports):
   res.verdict      # "significantly_better" | "not_significantly_different" | "significantly_worse"
   res.promotable   # True unless significantly worse (the gate's rule: promotion needs "not worse")
   res.to_dict()    # table (a, b, c, d), accuracies, diff, ci95, p_value, method, alpha, verdict, digests
+  paired_scores(a, b)  # per-image SCORES instead of booleans (EoT expected accuracy): mean difference,
+                       # normal interval, sign-flip permutation p-value
 
 Statistics (a 2x2 table of candidate vs baseline outcomes, a = both right, b = only the candidate right,
 c = only the baseline right, d = both wrong, n = a + b + c + d):
@@ -273,6 +275,43 @@ def compare(candidate: OutcomeRecord, baseline: OutcomeRecord, alpha: float = 0.
     return PairedComparison(t, candidate.accuracy, baseline.accuracy, (t.b - t.c) / t.n, newcombe_interval(t), p,
                             alpha, verdict(p, t.b, t.c, alpha), candidate.sha256, baseline.sha256,
                             candidate.setting)
+
+
+def paired_scores(candidate: Sequence[float], baseline: Sequence[float], draws: int = 100_000, seed: int = 0,
+                  exact_up_to: int = 16) -> dict:
+    """Paired difference of per-image SCORES (e.g. expected accuracy over k purifications, in [0, 1]).
+
+    McNemar needs one boolean per image; an EoT card's expected accuracy gives a fraction per image instead.
+    Reported: the mean difference, a normal 95% interval (mean +- 1.96 SE), and a two-sided sign-flip
+    permutation p-value (under H0 each image's difference is symmetric around 0, so its sign is a coin):
+    exact over all 2^n sign patterns for n <= exact_up_to, else `draws` seeded Monte Carlo patterns
+    (p = (hits + 1) / (draws + 1), never 0). Seeded, so a committed table reproduces.
+    """
+    a, b = [float(v) for v in _flat(candidate)], [float(v) for v in _flat(baseline)]
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need one value per image in both, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        raise ValueError(f"paired scores need at least 2 images, got {len(a)}")
+    if not all(math.isfinite(v) for v in a + b):
+        raise ValueError("paired scores must be finite numbers")
+    d = [u - v for u, v in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    tol = 1e-12
+    if n <= exact_up_to:
+        hits = sum(abs(sum(x if (m >> i) & 1 else -x for i, x in enumerate(d))) / n >= abs(mean) - tol
+                   for m in range(1 << n))
+        p, how = hits / (1 << n), f"exact over all {1 << n} sign patterns"
+    else:
+        import torch  # only for the Monte Carlo draws; the paired module needs no torch otherwise
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (draws, n), generator=g, dtype=torch.float64) * 2 - 1
+        null = (signs * torch.tensor(d, dtype=torch.float64)).mean(1).abs()
+        p, how = float(((null >= abs(mean) - tol).sum() + 1) / (draws + 1)), f"{draws} seeded draws"
+    return {"n": n, "diff": mean, "ci95": [mean - Z95 * se, mean + Z95 * se], "p_value": min(1.0, p),
+            "method": f"paired mean difference of per-image scores; normal interval; sign-flip permutation "
+                      f"test, {how}"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

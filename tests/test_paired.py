@@ -5,7 +5,7 @@ import random
 import pytest
 
 from dbp.paired import (NotComparableError, OutcomeRecord, PairedTable, check_comparable, compare, mcnemar_exact,
-                        newcombe_interval)
+                        newcombe_interval, paired_scores)
 
 IDX = list(range(1024, 1024 + 200))
 
@@ -150,3 +150,55 @@ def test_table_counts():
     assert (t.a, t.b, t.c, t.d, t.n) == (2, 1, 1, 1, 5)
     with pytest.raises(ValueError, match="equal lengths"):
         PairedTable.from_outcomes([1], [1, 0])
+
+
+# ---- paired scores (per-image fractions, e.g. EoT expected accuracy) ----------------------------------------
+
+def _exact_sign_flip_p(d):
+    n, mean = len(d), abs(sum(d) / len(d))
+    hits = 0
+    for m in range(1 << n):
+        hits += abs(sum(x if (m >> i) & 1 else -x for i, x in enumerate(d))) / n >= mean - 1e-12
+    return hits / (1 << n)
+
+
+def test_paired_scores_of_a_model_with_itself_are_never_different():
+    r = random.Random(3)
+    s = [r.choice([0.0, 0.1, 0.5, 0.9, 1.0]) for _ in range(40)]
+    out = paired_scores(s, s)
+    assert out["diff"] == 0.0 and out["p_value"] == 1.0 and out["ci95"] == [0.0, 0.0]
+
+
+def test_paired_scores_exact_small_n_matches_full_enumeration_and_monte_carlo_agrees():
+    r = random.Random(11)
+    a = [r.random() for _ in range(12)]
+    b = [x - 0.15 + 0.3 * r.random() for x in a]
+    exact = paired_scores(a, b)
+    assert "exact" in exact["method"]
+    assert exact["p_value"] == pytest.approx(_exact_sign_flip_p([u - v for u, v in zip(a, b)]))
+    mc = paired_scores(a, b, exact_up_to=0, draws=100_000)
+    assert "draws" in mc["method"]
+    assert mc["p_value"] == pytest.approx(exact["p_value"], abs=0.01)
+
+
+def test_paired_scores_detect_a_consistent_shift_and_its_sign():
+    r = random.Random(5)
+    base = [r.random() * 0.8 for _ in range(64)]
+    better = [x + 0.05 + 0.02 * r.random() for x in base]
+    up = paired_scores(better, base)
+    down = paired_scores(base, better)
+    assert up["p_value"] < 1e-3 and up["diff"] > 0 and up["ci95"][0] > 0
+    assert down["p_value"] < 1e-3 and down["diff"] < 0 and down["ci95"][1] < 0
+    signs = [0.1] * 33 + [-0.1] * 31  # 33 up, 31 down: no effect to speak of
+    r.shuffle(signs)
+    noise = [x + s for x, s in zip(base, signs)]
+    assert paired_scores(noise, base)["p_value"] > 0.5
+
+
+def test_paired_scores_refuse_unpaired_or_bad_input():
+    with pytest.raises(ValueError, match="one value per image"):
+        paired_scores([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_scores([0.1], [0.2])
+    with pytest.raises(ValueError, match="finite"):
+        paired_scores([0.1, float("nan")], [0.2, 0.3])

@@ -6,7 +6,8 @@ Reads <runs>/<model>-{linf,l2}/card.json for the models base, clean1500 and addt
 (accuracy with 95% Wilson intervals; EoT expected accuracy with its normal interval) and the paired
 comparisons ADDT vs clean, ADDT vs base, clean vs base per setting (dbp.gate.paired_comparison: McNemar's
 exact test and Newcombe's interval on the per-image outcomes, which every card keeps with its images and
-seeds). --copy also writes the cards and the table (final.md, final.json) there, for committing.
+seeds; the EoT row's per-image expected accuracy goes through dbp.paired.paired_scores, a sign-flip
+permutation test). --copy also writes the cards and the table (final.md, final.json) there, for committing.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from dbp.card import load_card  # noqa: E402
 from dbp.gate import paired_comparison  # noqa: E402
+from dbp.paired import paired_scores  # noqa: E402
 
 MODELS = {"base": "base (v1, the served purifier)", "clean1500": "clean fine-tuning, 1500 steps",
           "addt1500": "ADDT, 1500 steps"}
@@ -57,21 +59,6 @@ def expected_scores(runs: Path, name: str, setting: str = "linf-eot") -> torch.T
     parts = [load_file(f).get(f"{setting}/robust_expected") for f in files]
     parts = [t for t in parts if t is not None]
     return torch.cat(parts).double() if parts else None
-
-
-def paired_scores(a: torch.Tensor, b: torch.Tensor, draws: int = 100_000) -> dict:
-    """Paired difference of per-image scores in [0, 1]: mean, normal 95% interval, and a two-sided sign-flip
-    permutation p-value (no distributional assumption; seeded, so the table is reproducible)."""
-    d = a - b
-    n = d.numel()
-    mean, se = float(d.mean()), float(d.std(unbiased=True)) / n ** 0.5
-    g = torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (draws, n), generator=g, dtype=torch.float64) * 2 - 1
-    null = (signs * d).mean(1).abs()
-    p = float(((null >= abs(mean) - 1e-12).sum() + 1) / (draws + 1))
-    return {"n": n, "diff": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "p_value": p,
-            "method": "paired mean difference of per-image expected accuracy; normal interval; sign-flip "
-                      f"permutation test, {draws} draws"}
 
 
 def table(cards: dict[str, dict[str, dict]], runs: Path) -> tuple[str, dict]:
