@@ -9,9 +9,11 @@
     consistency, a transfer attack from the bare classifier must not beat the white-box one.
   - the card (`build_card`): per setting the per-image minimum over the attacks that ran
     (`worst_case`), intervals, flags (incl. `attack_ineffective`), per-image outcomes bound to the image
-    indices and noise seeds (`dbp.paired.OutcomeRecord`), the binding hash and the requirements.
+    indices and noise seeds (`dbp.paired.OutcomeRecord`), EoT settings' per-image hits out of k, the binding
+    hash and the requirements.
   - the verdict (`verdict`): pure function of a card, its thresholds and an optional baseline card
-    (paired McNemar comparison on the same images and seeds).
+    (paired McNemar comparison on the same images and seeds; for EoT settings also a sign-flip test on the
+    per-image expected accuracy; significantly worse in either refuses the promotion).
   - `convergence_report`: robust accuracy against PGD steps and EoT samples (plot).
 
 Thresholds file keys (configs/gate-*.json; all optional except what a passing card needs):
@@ -43,7 +45,7 @@ from .card import (FLOOR, MODES, SCHEMA, THREAT_MODELS, CardError, binding_sha25
 from .checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
 from .data import DatasetError, load_dataset
 from .models import Defense, Purifier, load_classifier, load_unet
-from .paired import NotComparableError, OutcomeRecord, compare
+from .paired import NotComparableError, OutcomeRecord, compare, paired_scores
 from .plots import image_grid
 from .robustness import (FLAG_NAMES, expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
                          summarize, worst_case)
@@ -607,6 +609,10 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
             "n": nn_, "clean": entry_clean, "robust": robust, "robust_expected": expected,
             "worst_case": {k2: v for k2, v in worst.to_dict().items() if k2 not in ("per_image", "per_image_attack")},
             "outcomes": rec.to_dict(), "worst_by": worst.by, **extra,
+            # the mean of robust_expected is not enough to pair two cards: keep each image's hits out of k
+            "expected_per_image": None if expected is None else {
+                "k": cfg.k, "hits": [round(float(v) * cfg.k) for v in m[f"{k}/robust_expected"]],
+                "outcomes_sha256": rec.sha256},
             "bare_robust": bare,
             "loss_trajectory": [float(v) for v in m[f"{k}/loss"].mean(0)],
             "flags": flags,
@@ -742,7 +748,36 @@ def paired_comparison(card: dict, baseline: dict, alpha: float, source: Optional
         if not res.promotable:
             out["reasons"].append(f"{s['name']}: significantly worse than the baseline (McNemar p={res.p_value:.3g}, "
                                   f"difference {res.diff:+.1%} [{res.ci95[0]:+.1%}, {res.ci95[1]:+.1%}])")
+        exp, why = paired_expected(s, b, alpha)
+        d["expected"] = exp
+        if why:
+            out["reasons"].append(f"{s['name']}: {why}")
+            d["promotable"] = False
     return out
+
+
+def paired_expected(s: dict, b: dict, alpha: float) -> tuple[Optional[dict], Optional[str]]:
+    """The EoT setting's expected accuracy over k purifications, paired per image (a sign-flip test on the
+    per-image fractions: McNemar needs booleans). Returns (result or None, a reason to refuse or None).
+    Only called once compare() has found the two settings on the same images and seeds."""
+    ec, eb = s.get("expected_per_image"), b.get("expected_per_image")
+    if not ec or not eb:
+        return None, None  # a DW-box setting, or a card from before per-image expected scores
+    if ec.get("outcomes_sha256") != s["outcomes"]["sha256"] or eb.get("outcomes_sha256") != b["outcomes"]["sha256"]:
+        return None, "per-image expected scores are not bound to this setting's outcomes (edited card?)"
+    if len(ec["hits"]) < 2:
+        return None, None  # nothing to test on one image
+    if ec["k"] != eb["k"] or len(ec["hits"]) != len(eb["hits"]):
+        return None, (f"expected accuracy not comparable with the baseline: k={ec['k']} over {len(ec['hits'])} images "
+                      f"vs k={eb['k']} over {len(eb['hits'])}")
+    r = paired_scores([h / ec["k"] for h in ec["hits"]], [h / eb["k"] for h in eb["hits"]])
+    worse = r["p_value"] < alpha and r["diff"] < 0
+    r["verdict"] = ("significantly_worse" if worse else "significantly_better" if r["p_value"] < alpha and r["diff"] > 0
+                    else "not_significantly_different")
+    why = (f"expected accuracy over k={ec['k']} significantly worse than the baseline (sign-flip p="
+           f"{r['p_value']:.3g}, difference {r['diff']:+.1%} [{r['ci95'][0]:+.1%}, {r['ci95'][1]:+.1%}])"
+           if worse else None)
+    return r, why
 
 
 def write_outputs(ctx: Ctx, card: dict, m: dict[str, torch.Tensor]) -> None:

@@ -152,3 +152,45 @@ def test_outcomes_are_bound_to_images_and_seeds():
     base = card()
     base["settings"][0]["outcomes"]["outcomes"] = "0" * 64  # edited outcomes: the digest no longer matches
     assert any("sha256" in r for r in verdict(card(), CPU, baseline=base)["reasons"])
+
+
+def with_expected(c: dict, hits_of) -> dict:
+    """Give every EoT setting per-image expected scores (hits out of k=10), bound to its outcomes."""
+    for s in c["settings"]:
+        if s["mode"] == "eot":
+            s["expected_per_image"] = {"k": 10, "hits": [hits_of(i) for i in range(s["n"])],
+                                       "outcomes_sha256": s["outcomes"]["sha256"]}
+    return c
+
+
+def test_expected_accuracy_is_paired_too_and_a_significant_drop_refuses_the_promotion():
+    base = with_expected(card(), lambda i: 8)
+    same = with_expected(card(), lambda i: 8)
+    v = verdict(same, CPU, baseline=base)
+    assert v["passed"], v["reasons"]
+    e = same["comparison"]["settings"]["linf-eot"]["expected"]
+    assert e["diff"] == 0 and e["p_value"] == 1.0 and e["verdict"] == "not_significantly_different"
+    # same single-shot outcomes (McNemar sees nothing), but every image's expected accuracy drops 8/10 -> 5/10
+    worse = with_expected(card(), lambda i: 5 + i % 2)
+    v = verdict(worse, CPU, baseline=base)
+    assert not v["passed"] and any("expected accuracy over k=10 significantly worse" in r for r in v["reasons"])
+    res = worse["comparison"]["settings"]["linf-eot"]
+    assert res["verdict"] == "not_significantly_different" and res["promotable"] is False
+    assert res["expected"]["verdict"] == "significantly_worse" and res["expected"]["ci95"][1] < 0
+    better = with_expected(card(), lambda i: 10)
+    assert verdict(better, CPU, baseline=base)["passed"]
+    assert better["comparison"]["settings"]["linf-eot"]["expected"]["verdict"] == "significantly_better"
+
+
+def test_expected_scores_must_be_bound_and_comparable():
+    base = with_expected(card(), lambda i: 8)
+    other_k = with_expected(card(), lambda i: 8)
+    for s in other_k["settings"]:
+        if s.get("expected_per_image"):
+            s["expected_per_image"]["k"] = 20
+    assert any("not comparable" in r and "k=20" in r for r in verdict(other_k, CPU, baseline=base)["reasons"])
+    unbound = with_expected(card(), lambda i: 8)
+    unbound["settings"][1]["expected_per_image"]["outcomes_sha256"] = "0" * 64
+    assert any("not bound" in r for r in verdict(unbound, CPU, baseline=base)["reasons"])
+    # an older baseline card without per-image expected scores: compared on the outcomes alone, no refusal
+    assert verdict(with_expected(card(), lambda i: 8), CPU, baseline=card())["passed"]

@@ -107,6 +107,10 @@ def test_card_contents_and_plots(full_run, tiny_classifier_ckpt, tiny_diffusion_
     eot = next(s for s in card["settings"] if s["mode"] == "eot")
     assert dw["robust"]["acc"] <= dw["clean"]["acc"]  # same fixed noise for both: robust <= clean
     assert eot["attack"]["eot"] == 2 and eot["robust_expected"]["k"] == 2 and dw["robust_expected"] is None
+    hits = eot["expected_per_image"]  # per image, bound to the outcomes: the mean is the card's expected accuracy
+    assert hits["k"] == 2 and len(hits["hits"]) == eot["n"] and hits["outcomes_sha256"] == eot["outcomes"]["sha256"]
+    assert sum(hits["hits"]) / (2 * eot["n"]) == pytest.approx(eot["robust_expected"]["acc"])
+    assert dw["expected_per_image"] is None
     assert dw["fresh_noise"]["n"] == 8 and dw["last_iterate"]["acc"] >= dw["robust"]["acc"]  # best <= last
     assert set(card["sanity_checks"]) >= {"large_budget_not_collapsed", "eot_gradient_inconsistent",
                                           "transfer_beats_white_box"}
