@@ -819,14 +819,23 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
                        out: Optional[Path] = None) -> dict:
     """Robust accuracy vs PGD steps (DW-box, each threat model's first norm) and vs EoT samples (stochastic,
     PGD --steps) on ctx's images: the card's figures are converged when the curves are flat. Resumable
-    per point (state/convergence.json); writes convergence.png."""
+    per point (convergence.json, which also keeps the evaluation's configuration: points of another model,
+    image count or seed are never mixed in); writes convergence.png."""
     from .plots import _plt
 
     cfg = ctx.cfg
     out = Path(out or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     f = out / "convergence.json"
-    res = json.loads(f.read_text()) if f.exists() else {"points": {}}
+    want = eval_config(ctx)
+    res = json.loads(f.read_text()) if f.exists() else {"config": want, "points": {}}
+    have = res.get("config")
+    if have != want:
+        detail = ("it does not record its configuration (an older run)" if have is None else ", ".join(
+            f"{k}: saved {have.get(k)!r} vs now {want.get(k)!r}" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)))
+        raise C.ConfigError(f"{f} holds points of a different evaluation ({detail}); use another --out_dir or "
+                            f"delete that file")
     x, y = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
     groups = list(dict.fromkeys((s.threat_model, s.norm, s.eps, s.step) for s in ctx.settings))
     todo = [(g, "dwbox", st, 1) for g in groups for st in steps] + [(g, "eot", cfg.steps, k) for g in groups

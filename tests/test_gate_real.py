@@ -2,10 +2,13 @@
 and a purifier with random weights is rejected by the paired comparison against a trained one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 
+from dbp import config as C
 from dbp import gate as G
 from dbp.checkpoint import load_meta, load_weights, save_checkpoint
 from dbp.models import Defense, load_classifier
@@ -70,7 +73,6 @@ def test_random_weight_purifier_is_rejected_by_the_paired_comparison(tmp_path, t
 def test_server_refuses_a_card_for_another_t_star(tmp_path, tiny_classifier_ckpt, tiny_diffusion_ckpt):
     """The Triton model's load path (PurifierService, settings from config.pbtxt) rejects a card measured
     with other purification settings, and a card without the EoT setting."""
-    import pytest
 
     from dbp import repository
     from helpers import export_repo, load_services, write_card
@@ -101,3 +103,7 @@ def test_convergence_report_plots_accuracy_against_steps_and_eot(tmp_path, tiny_
     assert pts["paper:linf:dwbox:steps=3:eot=1"]["acc"] <= pts["paper:linf:dwbox:steps=1:eot=1"]["acc"]
     again = G.convergence_report(ctx, steps=(1, 3), eots=(1, 2))  # resumable: nothing recomputed
     assert again == res
+    # another seed would draw other noise: its points must not be mixed with these
+    other = G.build(dataclasses.replace(cfg, seed=1), distributed.Dist(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(C.ConfigError, match="different evaluation.*seed: saved 0 vs now 1"):
+        G.convergence_report(other, steps=(1, 3), eots=(1, 2))
