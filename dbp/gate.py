@@ -765,16 +765,20 @@ def paired_expected(s: dict, b: dict, alpha: float) -> tuple[Optional[dict], Opt
         return None, None  # a DW-box setting, or a card from before per-image expected scores
     if ec.get("outcomes_sha256") != s["outcomes"]["sha256"] or eb.get("outcomes_sha256") != b["outcomes"]["sha256"]:
         return None, "per-image expected scores are not bound to this setting's outcomes (edited card?)"
-    if len(ec["hits"]) < 2:
+    try:
+        kc, kb, hc, hb = int(ec["k"]), int(eb["k"]), [int(h) for h in ec["hits"]], [int(h) for h in eb["hits"]]
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"malformed per-image expected scores: {e!r}"
+    if len(hc) < 2:
         return None, None  # nothing to test on one image
-    if ec["k"] != eb["k"] or len(ec["hits"]) != len(eb["hits"]):
-        return None, (f"expected accuracy not comparable with the baseline: k={ec['k']} over {len(ec['hits'])} images "
-                      f"vs k={eb['k']} over {len(eb['hits'])}")
-    r = paired_scores([h / ec["k"] for h in ec["hits"]], [h / eb["k"] for h in eb["hits"]])
+    if kc != kb or len(hc) != len(hb) or kc < 1:
+        return None, (f"expected accuracy not comparable with the baseline: k={kc} over {len(hc)} images "
+                      f"vs k={kb} over {len(hb)}")
+    r = paired_scores([h / kc for h in hc], [h / kb for h in hb])
     worse = r["p_value"] < alpha and r["diff"] < 0
     r["verdict"] = ("significantly_worse" if worse else "significantly_better" if r["p_value"] < alpha and r["diff"] > 0
                     else "not_significantly_different")
-    why = (f"expected accuracy over k={ec['k']} significantly worse than the baseline (sign-flip p="
+    why = (f"expected accuracy over k={kc} significantly worse than the baseline (sign-flip p="
            f"{r['p_value']:.3g}, difference {r['diff']:+.1%} [{r['ci95'][0]:+.1%}, {r['ci95'][1]:+.1%}])"
            if worse else None)
     return r, why

@@ -192,5 +192,8 @@ def test_expected_scores_must_be_bound_and_comparable():
     unbound = with_expected(card(), lambda i: 8)
     unbound["settings"][1]["expected_per_image"]["outcomes_sha256"] = "0" * 64
     assert any("not bound" in r for r in verdict(unbound, CPU, baseline=base)["reasons"])
+    broken = with_expected(card(), lambda i: 8)
+    broken["settings"][1]["expected_per_image"]["hits"] = "lots"
+    assert any("malformed per-image expected" in r for r in verdict(broken, CPU, baseline=base)["reasons"])
     # an older baseline card without per-image expected scores: compared on the outcomes alone, no refusal
     assert verdict(with_expected(card(), lambda i: 8), CPU, baseline=card())["passed"]
