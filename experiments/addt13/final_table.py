@@ -1,13 +1,15 @@
 """Issue 13: the final table from the cards of experiments/addt13/final.sh, with the paired tests.
 
-  .venv/bin/python experiments/addt13/final_table.py [--runs runs/final] [--copy docs/results/addt13]
+  .venv/bin/python experiments/addt13/final_table.py [--runs runs/final] [--copy docs/results/addt13] [--steps 1500]
 
-Reads <runs>/<model>-{linf,l2}/card.json for the models base, clean1500 and addt1500; prints a markdown table
+Reads <runs>/<model>-{linf,l2,linf-dwbox}/card.json for the models base, clean<steps> and addt<steps>
+(linf-dwbox: final.sh PART=linf-dwbox, paired with the base's l_inf card on the same 512 images); prints a markdown table
 (accuracy with 95% Wilson intervals; EoT expected accuracy with its normal interval) and the paired
 comparisons ADDT vs clean, ADDT vs base, clean vs base per setting (dbp.gate.paired_comparison: McNemar's
 exact test and Newcombe's interval on the per-image outcomes, which every card keeps with its images and
 seeds; the EoT row's per-image expected accuracy goes through dbp.paired.paired_scores, a sign-flip
-permutation test). --copy also writes the cards and the table (final.md, final.json) there, for committing.
+permutation test). --copy also writes the cards and the table (final.md, final.json; final<steps>.* for
+other --steps) there, for committing.
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ from dbp.card import load_card  # noqa: E402
 from dbp.gate import paired_comparison  # noqa: E402
 from dbp.paired import paired_scores  # noqa: E402
 
-MODELS = {"base": "base (v1, the served purifier)", "clean1500": "clean fine-tuning, 1500 steps",
-          "addt1500": "ADDT, 1500 steps"}
-PAIRS = [("addt1500", "clean1500"), ("addt1500", "base"), ("clean1500", "base")]
+NORMS = ("linf", "l2", "linf-dwbox")
+
+
+def models_for(steps: int) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    a, c = f"addt{steps}", f"clean{steps}"
+    return ({"base": "base (v1, the served purifier)", c: f"clean fine-tuning, {steps} steps",
+             a: f"ADDT, {steps} steps"}, [(a, c), (a, "base"), (c, "base")])
 
 
 def pct(d: dict | None) -> str:
@@ -39,10 +45,10 @@ def pct(d: dict | None) -> str:
     return f"{d['acc']:.1%} [{lo:.1%}, {hi:.1%}]"
 
 
-def load(runs: Path) -> dict[str, dict[str, dict]]:
+def load(runs: Path, models: dict[str, str]) -> dict[str, dict[str, dict]]:
     cards: dict[str, dict[str, dict]] = {}
-    for name in MODELS:
-        for norm in ("linf", "l2"):
+    for name in models:
+        for norm in NORMS:
             p = runs / f"{name}-{norm}" / "card.json"
             if p.exists():
                 cards.setdefault(name, {})[norm] = load_card(p)
@@ -61,12 +67,13 @@ def expected_scores(runs: Path, name: str, setting: str = "linf-eot") -> torch.T
     return torch.cat(parts).double() if parts else None
 
 
-def table(cards: dict[str, dict[str, dict]], runs: Path) -> tuple[str, dict]:
+def table(cards: dict[str, dict[str, dict]], runs: Path, models: dict[str, str],
+          pairs: list[tuple[str, str]]) -> tuple[str, dict]:
     out = {"models": {}, "paired": {}}
     lines = ["| model | clean purified (fixed noise) | DW-box l_inf 8/255 | ... last iterate | ... its images, "
              "fresh noise | EoT-10 l_inf single-shot | EoT-10 expected (k=10) | DW-box l_2 0.5 | bare classifier "
              "l_inf / l_2 |", "|" + "---|" * 9]
-    for name, label in MODELS.items():
+    for name, label in models.items():
         if name not in cards:
             continue
         s = settings_of(cards[name])
@@ -85,13 +92,15 @@ def table(cards: dict[str, dict[str, dict]], runs: Path) -> tuple[str, dict]:
     lines += ["", "Paired tests (same images, same seeds and fixed noise; per-image minimum over the attacks run):", "",
               "| candidate vs baseline | setting | n | candidate only / baseline only | difference [95%] | McNemar p "
               "| verdict |", "|" + "---|" * 7]
-    for cand, base in PAIRS:
+    for cand, base in pairs:
         if cand not in cards or base not in cards:
             continue
-        for norm in ("linf", "l2"):
-            if norm not in cards[cand] or norm not in cards[base]:
+        for norm in NORMS:
+            # a DW-box-only card pairs with the baseline's full l_inf card: same images, seed and setting
+            bnorm = norm if norm in cards[base] else "linf" if norm == "linf-dwbox" else None
+            if norm not in cards[cand] or bnorm not in cards[base]:
                 continue
-            cmp = paired_comparison(cards[cand][norm], cards[base][norm], 0.05, f"{base}-{norm}")
+            cmp = paired_comparison(cards[cand][norm], cards[base][bnorm], 0.05, f"{base}-{bnorm}")
             for setting, d in cmp["settings"].items():
                 out["paired"][f"{cand} vs {base}: {setting}"] = d
                 lines.append(f"| {cand} vs {base} | {setting} | {d['n']} | {d['table']['only_candidate_right']} / {d['table']['only_baseline_right']} | "
@@ -113,13 +122,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="experiments/addt13/final_table.py")
     ap.add_argument("--runs", default="runs/final")
     ap.add_argument("--copy", default=None, help="directory to copy the cards and the table into")
+    ap.add_argument("--steps", type=int, default=1500, help="the fine-tuning step of the two arms' cards")
     a = ap.parse_args(argv)
     runs = Path(a.runs)
-    cards = load(runs)
+    models, pairs = models_for(a.steps)
+    cards = load(runs, models)
     if not cards:
         print(f"no cards under {runs}/<model>-<norm>/card.json", file=sys.stderr)
         return 2
-    md, data = table(cards, runs)
+    md, data = table(cards, runs, models, pairs)
     print(md)
     if a.copy:
         dst = Path(a.copy)
@@ -127,8 +138,9 @@ def main(argv=None) -> int:
         for name, by_norm in cards.items():
             for norm in by_norm:
                 shutil.copy(runs / f"{name}-{norm}" / "card.json", dst / f"{name}-{norm}.json")
-        (dst / "final.md").write_text(md + "\n")
-        (dst / "final.json").write_text(json.dumps(data, indent=1) + "\n")
+        stem = "final" if a.steps == 1500 else f"final{a.steps}"
+        (dst / f"{stem}.md").write_text(md + "\n")
+        (dst / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     return 0
 
 
