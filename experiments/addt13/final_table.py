@@ -32,10 +32,16 @@ from dbp.paired import paired_scores  # noqa: E402
 NORMS = ("linf", "l2", "linf-dwbox")
 
 
-def models_for(steps: int) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def models_for(steps: int, ref: int = 1500) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The base and both arms at `steps`; other steps are also paired with the arms at `ref` (did more help?)."""
+    models, pairs = {"base": "base (v1, the served purifier)"}, []
+    for st in ([ref] if steps != ref else []) + [steps]:
+        models.update({f"clean{st}": f"clean fine-tuning, {st} steps", f"addt{st}": f"ADDT, {st} steps"})
     a, c = f"addt{steps}", f"clean{steps}"
-    return ({"base": "base (v1, the served purifier)", c: f"clean fine-tuning, {steps} steps",
-             a: f"ADDT, {steps} steps"}, [(a, c), (a, "base"), (c, "base")])
+    pairs = [(a, c), (a, "base"), (c, "base")]
+    if steps != ref:
+        pairs += [(a, f"addt{ref}"), (c, f"clean{ref}")]
+    return models, pairs
 
 
 def pct(d: dict | None) -> str:
