@@ -73,7 +73,6 @@ def test_random_weight_purifier_is_rejected_by_the_paired_comparison(tmp_path, t
 def test_server_refuses_a_card_for_another_t_star(tmp_path, tiny_classifier_ckpt, tiny_diffusion_ckpt):
     """The Triton model's load path (PurifierService, settings from config.pbtxt) rejects a card measured
     with other purification settings, and a card without the EoT setting."""
-
     from dbp import repository
     from helpers import export_repo, load_services, write_card
 

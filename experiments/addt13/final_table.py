@@ -34,7 +34,7 @@ NORMS = ("linf", "l2", "linf-dwbox")
 
 def models_for(steps: int, ref: int = 1500) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """The base and both arms at `steps`; other steps are also paired with the arms at `ref` (did more help?)."""
-    models, pairs = {"base": "base (v1, the served purifier)"}, []
+    models = {"base": "base (v1, the served purifier)"}
     for st in ([ref] if steps != ref else []) + [steps]:
         models.update({f"clean{st}": f"clean fine-tuning, {st} steps", f"addt{st}": f"ADDT, {st} steps"})
     a, c = f"addt{steps}", f"clean{steps}"
