@@ -35,4 +35,6 @@ class SurrogateGradient(nn.Module):
             real = self.purifier(x01, noise=noise)
         # a DDIM surrogate ignores the DDPM chain's reverse noise; the forward noise is common
         approx = x01 if self.surrogate is None else self.surrogate(x01, noise=noise)
-        return approx + (real - approx).detach()
+        # real + (approx - approx) is exactly `real` in floating point (a - a == 0 for finite a), whereas
+        # approx + (real - approx) rounds differently from machine to machine
+        return real + (approx - approx.detach())
