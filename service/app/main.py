@@ -19,6 +19,7 @@ from .core import errors
 from .core.config import Settings, load_settings
 from .core.metrics import GatewayMetrics
 from .core.middleware import GatewayMiddleware
+from .core.seeds import policy_from_settings
 from .schemas import Problem
 from .triton.pool import TritonPool
 
@@ -49,6 +50,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = gateway_metrics
     app.state.cards = CardReader(settings.MODEL_REPOSITORY, settings.PURIFIER_MODEL)
+    app.state.seed_policy = policy_from_settings(settings)  # the key is made once, here, never per request
     errors.install(app)
     app.include_router(classify.router(settings))
     app.include_router(purify.router(settings))

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # a 1x1 black PNG: a valid image for examples and "try it out"
 TINY_PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==")
 SEED_MAX = 2**63 - 1
+SEED_DOC = ("this image's seed (the request's seed + index, or drawn by the gateway), never the noise seed "
+            "derived from it with the server secret; the same seed and image repeat the answer on this deployment")
 
 
 class ImagesJSON(BaseModel):
@@ -81,8 +83,7 @@ class Prediction(BaseModel):
                                             examples=[{"T-shirt/top": 0.02, "Dress": 0.91}])
     agreement: Optional[float] = Field(None, description="share of the votes for `label` (only when votes > 1)",
                                        examples=[0.8])
-    seed: int = Field(..., description="seed of this image's purification noise; send it back to reproduce",
-                      examples=[1234])
+    seed: int = Field(..., description=SEED_DOC, examples=[1234])
     input: InputInfo
 
 
@@ -99,7 +100,7 @@ class ClassifyResponse(BaseModel):
 
 class PurifiedImage(BaseModel):
     index: int = Field(..., examples=[0])
-    seed: int = Field(..., examples=[1234])
+    seed: int = Field(..., description=SEED_DOC, examples=[1234])
     width: int = Field(..., examples=[32])
     height: int = Field(..., examples=[32])
     mode: str = Field(..., examples=["L"])

@@ -8,6 +8,7 @@ Fixtures others can reuse (tests/service/...; helpers in tests/service/gateway_t
                    DBP_GATEWAY_* names in lower case (max_in_flight=1, api_key=...); all stopped at teardown
   gateway          the default gateway in front of `triton` (session), with a dead URL listed first, so every
                    test also checks that unready backends are skipped; limits lowered for the hostile tests
+  seedless_gateway a gateway that refuses client seeds (allow_client_seed=false, no seed secret) (session)
   dead_url         the unused loopback address listed first
   fashion_pngs     {name: bytes} of the demo page's bundled Fashion-MNIST test images
 """
@@ -62,6 +63,11 @@ def dead_url() -> str:
 def gateway(gateway_factory, triton, gateway_repo, dead_url) -> Gateway:
     return gateway_factory(urls=[dead_url, triton.grpc_url], model_repository=gateway_repo, max_images=4,
                            max_votes=8, max_body_bytes=512 * 1024, max_pixels=1 << 20)
+
+
+@pytest.fixture(scope="session")
+def seedless_gateway(gateway_factory) -> Gateway:
+    return gateway_factory(allow_client_seed="false")
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ def test_demo_page_upload_shows_prediction_and_purified_image(browser, gateway, 
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(gateway.url + "/")
+    assert page.get_attribute("body", "data-client-seed") == "true"
     page.wait_for_selector("#samples img")  # the page offers its test images
     assert page.locator("#samples img").count() >= 3
     page.set_input_files("#file", str(sample))
@@ -77,5 +78,27 @@ def test_demo_page_upload_shows_prediction_and_purified_image(browser, gateway, 
     page.wait_for_selector("body[data-state]", timeout=60_000)
     assert page.get_attribute("body", "data-state") == "error"
     assert "415" in page.inner_text("#error") and "not a recognised image" in page.inner_text("#error")
+    assert not errors, errors
+    page.close()
+
+
+def test_demo_page_works_where_client_seeds_are_refused(browser, seedless_gateway):
+    """The page sends no seed to a gateway that refuses them (it would get 422) and says the two calls are
+    separate draws."""
+    sample = sorted((ROOT / "service" / "app" / "static" / "samples").glob("*.png"))[0]
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(seedless_gateway.url + "/")
+    assert page.get_attribute("body", "data-client-seed") == "false"
+    assert not page.is_visible("#seed")
+    page.set_input_files("#file", str(sample))
+    page.fill("#votes", "2")
+    page.click("#run")
+    page.wait_for_selector("body[data-state]", timeout=60_000)
+    assert page.get_attribute("body", "data-state") == "done", page.inner_text("#error")
+    assert page.inner_text("#prediction").startswith("prediction: ")
+    assert page.eval_on_selector("#purified", "e => e.naturalWidth") == 32
+    assert "fresh noise per call" in page.inner_text("#meta")
     assert not errors, errors
     page.close()

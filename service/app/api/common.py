@@ -1,17 +1,16 @@
 """What /classify and /purify share: seeds, the per-pair request tensors, metadata and headers."""
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Optional
 
 import numpy as np
 
 from ..cards import CardReader
-from ..core.config import Settings
+from ..core.config import ENV_PREFIX, Settings
 from ..core.errors import ApiError
+from ..core.seeds import SeedPolicy
 from ..images import Decoded
-from ..schemas import SEED_MAX
 from ..triton.models import IMAGES, SEED, VOTES, PairInfo
 from ..triton.pool import TritonPool
 
@@ -30,11 +29,24 @@ def problem_responses(*codes: int) -> dict:
             for c in codes}
 
 
-def request_seeds(seed: Optional[int], n: int) -> list[int]:
-    """Image i gets seed + i (mod 2^63); without a seed the gateway draws one, so every answer can be
-    reproduced by sending the reported seed back (each image's noise depends only on its own seed)."""
-    base = secrets.randbits(63) if seed is None else seed
-    return [(base + i) % (SEED_MAX + 1) for i in range(n)]
+def seed_doc(settings: Settings) -> str:
+    if not settings.ALLOW_CLIENT_SEED:
+        return (f"refused (422) by this gateway ({ENV_PREFIX}ALLOW_CLIENT_SEED=false): every image gets fresh "
+                "noise")
+    return ("image i reports seed + i; the same seed and image repeat the answer on this deployment (the noise "
+            "is keyed by a server secret); omitted: the gateway draws one and reports it")
+
+
+def check_seed_allowed(policy: SeedPolicy, seed: Optional[int]) -> None:
+    if seed is not None and not policy.allow_client_seed:
+        raise ApiError(422, "seed_refused", f"this gateway does not accept client seeds ({ENV_PREFIX}"
+                       "ALLOW_CLIENT_SEED=false): every image gets fresh noise; send the request without `seed`")
+
+
+def request_seeds(policy: SeedPolicy, seed: Optional[int], images: list[Decoded]) -> tuple[list[int], list[int]]:
+    """(seeds to report, seeds for Triton): image i reports seed + i, its noise is keyed by the server secret
+    and the image (service/app/core/seeds.py); without a seed the gateway draws one."""
+    return policy.seeds(seed, [d.array for d in images])
 
 
 def current_pair(pool: TritonPool) -> PairInfo:

@@ -12,6 +12,7 @@ from ..cards import CardReader
 from ..core.config import Settings
 from ..core.errors import ApiError
 from ..core.metrics import GatewayMetrics
+from ..core.seeds import SeedPolicy
 from ..triton.pool import TritonPool
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -34,10 +35,15 @@ def get_cards(request: Request) -> CardReader:
     return request.app.state.cards
 
 
+def get_seed_policy(request: Request) -> SeedPolicy:
+    return request.app.state.seed_policy
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PoolDep = Annotated[TritonPool, Depends(get_pool)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 CardsDep = Annotated[CardReader, Depends(get_cards)]
+SeedPolicyDep = Annotated[SeedPolicy, Depends(get_seed_policy)]
 
 
 def check_api_key(settings: SettingsDep, key: Annotated[Optional[str], Depends(api_key_header)]) -> None:

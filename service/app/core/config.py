@@ -25,8 +25,9 @@ def _parse_url(raw: str) -> str:
 
 
 class Settings(BaseSettings):
+    # hide_input_in_errors: a rejected API_KEY or SEED_SECRET must not be echoed in a traceback either
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore",
-                                      case_sensitive=False)
+                                      case_sensitive=False, hide_input_in_errors=True)
 
     # --- where Triton is ---------------------------------------------------------------------------
     TRITON_URLS: Annotated[list[str], NoDecode] = Field(
@@ -54,6 +55,12 @@ class Settings(BaseSettings):
 
     # --- access ------------------------------------------------------------------------------------
     API_KEY: Optional[SecretStr] = Field(None, description="when set, /classify and /purify need X-API-Key")
+
+    # --- noise seeds (threat model: service/README.md) ---------------------------------------------------
+    SEED_SECRET: Optional[SecretStr] = Field(None, description="HMAC key turning client seeds into noise seeds; "
+                                             "one value for every replica; unset: a random key per process")
+    ALLOW_CLIENT_SEED: bool = Field(True, description="false: a request with `seed` is refused (422), every "
+                                    "image gets fresh noise")
 
     # --- the process -------------------------------------------------------------------------------
     HOST: str = "127.0.0.1"
@@ -83,6 +90,15 @@ class Settings(BaseSettings):
     def _check_key(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("API_KEY must be at least 16 characters (or unset to disable the check)")
+        return v
+
+    @field_validator("SEED_SECRET")
+    @classmethod
+    def _check_seed_secret(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        # the message must not quote the value: it is printed at start-up
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("SEED_SECRET must be at least 32 characters, e.g. `openssl rand -hex 32` (or unset: "
+                             "a random key per process)")
         return v
 
     @field_validator("MODEL_REPOSITORY", "SAMPLES_DIR")

@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse
 from ...core.config import Settings
 from ...schemas import SEED_MAX, ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
-from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
-                      version_headers)
-from ..deps import CardsDep, MetricsDep, PoolDep, SettingsDep, auth_dependencies
+from ..common import (builder, check_seed_allowed, current_pair, model_info, problem_responses, request_seeds,
+                      robustness, seed_doc, timings, version_headers)
+from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
 
@@ -24,8 +24,8 @@ def router(settings: Settings) -> APIRouter:
             summary="Purify and classify one or several images")
     async def classify(
         request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
-        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
-                                             "the gateway draws one and reports it")] = None,
+        policy: SeedPolicyDep,
+        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
         votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "
                                     "image; the label is their majority, `agreement` its share")] = 1,
         convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
@@ -35,12 +35,13 @@ def router(settings: Settings) -> APIRouter:
                                                         "model size")] = "pad",
     ) -> JSONResponse:
         t0 = time.perf_counter()
+        check_seed_allowed(policy, seed)  # before any decoding or Triton call
         pair = current_pair(pool)
         shape = (pair.channels, pair.height, pair.width)
         images, decode_s = await read_images(request, cfg, shape, convert, fit)
-        seeds = request_seeds(seed, len(images))
+        seeds, noise_seeds = request_seeds(policy, seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
-        out = await pool.run("classify", builder(images, seeds, votes, cfg, shape), deadline)
+        out = await pool.run("classify", builder(images, noise_seeds, votes, cfg, shape), deadline)
         pair = out.pair
         probs, labels, agree = out.outputs[PROBS], out.outputs[LABEL].reshape(-1), out.outputs[AGREEMENT].reshape(-1)
         names = pair.names_for(probs.shape[1])

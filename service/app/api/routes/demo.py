@@ -25,8 +25,10 @@ def list_samples(request: Request) -> list[str]:
 
 @router.get("/", response_class=HTMLResponse, summary="Demo page: upload or pick an image, see the original, "
             "the purified image and the prediction")
-async def index() -> HTMLResponse:
-    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+async def index(request: Request) -> HTMLResponse:
+    allow = request.app.state.seed_policy.allow_client_seed
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    return HTMLResponse(html.replace("__ALLOW_CLIENT_SEED__", "true" if allow else "false"))
 
 
 @router.get("/demo/samples", response_model=list[Sample], summary="Test images the demo page offers")

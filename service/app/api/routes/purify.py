@@ -13,9 +13,9 @@ from ...core.errors import ApiError
 from ...images import to_png
 from ...schemas import SEED_MAX, PurifyResponse
 from ...triton.models import PURIFIED
-from ..common import (builder, current_pair, model_info, problem_responses, request_seeds, robustness, timings,
-                      version_headers)
-from ..deps import CardsDep, MetricsDep, PoolDep, SettingsDep, auth_dependencies
+from ..common import (builder, check_seed_allowed, current_pair, model_info, problem_responses, request_seeds,
+                      robustness, seed_doc, timings, version_headers)
+from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
 
@@ -38,8 +38,8 @@ def router(settings: Settings) -> APIRouter:
             responses=responses, summary="Purify one or several images")
     async def purify(
         request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
-        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description="image i uses seed + i; omitted: "
-                                             "the gateway draws one and reports it")] = None,
+        policy: SeedPolicyDep,
+        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
         format: Annotated[Optional[Literal["png", "json"]], Query(description="png (one image only) or json; "
                                                                   "default: png for one image unless Accept "
                                                                   "asks for application/json")] = None,
@@ -50,6 +50,7 @@ def router(settings: Settings) -> APIRouter:
                                                         "the model size")] = "pad",
     ) -> Response:
         t0 = time.perf_counter()
+        check_seed_allowed(policy, seed)  # before any decoding or Triton call
         pair = current_pair(pool)
         shape = (pair.channels, pair.height, pair.width)
         images, decode_s = await read_images(request, cfg, shape, convert, fit)
@@ -57,9 +58,9 @@ def router(settings: Settings) -> APIRouter:
         if not as_json and len(images) > 1:
             raise ApiError(422, "bad_parameter", f"format=png returns one image but {len(images)} were sent; "
                            "use format=json")
-        seeds = request_seeds(seed, len(images))
+        seeds, noise_seeds = request_seeds(policy, seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
-        out = await pool.run("purify", builder(images, seeds, 1, cfg, shape), deadline)
+        out = await pool.run("purify", builder(images, noise_seeds, 1, cfg, shape), deadline)
         pair = out.pair
         purified = out.outputs[PURIFIED]
         pngs = await anyio.to_thread.run_sync(lambda: [to_png(p) for p in purified])
