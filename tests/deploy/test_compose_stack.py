@@ -26,9 +26,10 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKER_COMPOSE = shutil.which("docker-compose")
 
 
-def compose_config(compose_file: Path) -> subprocess.CompletedProcess:
+def compose_config(compose_file: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {"DBP_GATEWAY_API_KEY": "", "DBP_GATEWAY_SEED_SECRET": "", "DBP_GATEWAY_ALLOW_CLIENT_SEED": "", **env}
     return subprocess.run([DOCKER_COMPOSE, "-f", str(compose_file), "config"], capture_output=True, text=True,
-                          timeout=120, cwd=compose_file.parent, env={**os.environ, "DBP_GATEWAY_API_KEY": ""})
+                          timeout=120, cwd=compose_file.parent, env={**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +317,26 @@ def test_gateway_settings_ports_and_routes(services, gateway_paths, monkeypatch)
     for url in settings.TRITON_URLS:
         host, port = url.rsplit(":", 1)
         assert host == "triton" and int(port) in triton_ports and int(port) == 8001
+
+
+def test_gateway_seed_settings_come_from_the_shell(monkeypatch):
+    """The seed secret and the client-seed switch pass from the shell (or .env) to every gateway container,
+    and what arrives passes the gateway's own validation."""
+    from service.app.core.config import ENV_PREFIX, Settings
+
+    if DOCKER_COMPOSE is None:
+        pytest.fail("docker-compose is not installed (make system installs Debian's package)")
+    secret = "0123456789abcdef" * 4
+    res = compose_config(COMPOSE_FILE, DBP_GATEWAY_SEED_SECRET=secret, DBP_GATEWAY_ALLOW_CLIENT_SEED="false")
+    assert res.returncode == 0, res.stderr
+    env = yaml.safe_load(res.stdout)["services"]["gateway"]["environment"]
+    assert env[ENV_PREFIX + "SEED_SECRET"] == secret and env[ENV_PREFIX + "ALLOW_CLIENT_SEED"] == "false"
+    for k in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(k)
+    for k in ("SEED_SECRET", "ALLOW_CLIENT_SEED"):
+        monkeypatch.setenv(ENV_PREFIX + k, env[ENV_PREFIX + k])
+    settings = Settings()
+    assert settings.SEED_SECRET.get_secret_value() == secret and settings.ALLOW_CLIENT_SEED is False
 
 
 def test_triton_ports_and_health_endpoint(services):

@@ -181,6 +181,20 @@ def test_gateway_probes_settings_and_triton_addresses(objects, gateway_paths, mo
     assert key["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
+def test_gateway_replicas_share_one_required_seed_secret(objects):
+    """Every replica reads the noise key from the same Secret key, and cannot start without it: a replica
+    with a key of its own would answer one client seed with other noise than its neighbours."""
+    from service.app.core.config import ENV_PREFIX
+
+    dep = get(objects, "Deployment", "gateway")
+    env = {e["name"]: e for e in container(dep, "gateway")["env"]}
+    ref = env[ENV_PREFIX + "SEED_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and ref.get("optional", False) is False
+    assert "value" not in env[ENV_PREFIX + "SEED_SECRET"], "the secret must not be written into the manifest"
+    assert not any(o["kind"] == "Secret" for o in objects), "no secret value belongs in the repository"
+    assert env[ENV_PREFIX + "ALLOW_CLIENT_SEED"]["value"] in ("true", "false")
+
+
 def test_pods_run_as_non_root_with_numeric_image_user(objects):
     dep = get(objects, "Deployment", "gateway")
     assert pod_spec(dep)["securityContext"]["runAsNonRoot"] is True
