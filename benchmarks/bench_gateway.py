@@ -5,7 +5,8 @@
 
 Starts Triton (the project's launcher) on a throwaway copy of the repository holding only its newest
 purifier/classifier pair, and the gateway (`python -m service`, a real uvicorn) in front of it. The
-same image (a Fashion-MNIST test PNG, 28x28) with the same seed goes
+same image (a Fashion-MNIST test PNG, 28x28) with the same noise (--seed to the gateway, the noise seed
+the gateway derives from it with the bench's SEED_SECRET to Triton) goes
   * direct:  to the purify_classify ensemble over async gRPC, as the float32 [1, 1, 32, 32] tensor the
              gateway would make of it (what a KServe client would send),
   * gateway: POST /classify as a multipart file upload (decode, convert, two pinned calls, JSON).
@@ -36,8 +37,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
+from service.app.core.seeds import derive_seed, image_digest  # noqa: E402
 
 SAMPLE = ROOT / "service" / "app" / "static" / "samples" / "fashion-test-0000-ankle-boot.png"
+# the bench's own gateway key: the direct path sends the noise seed the gateway derives from the client seed
+SEED_SECRET = "bench-gateway-seed-secret-" + "0" * 32
 
 
 def newest_pair_repo(src: Path, dst: Path) -> int:
@@ -118,7 +122,7 @@ def start_gateway(grpc_url: str, repo: Path) -> tuple[subprocess.Popen, str]:
     port = free_ports(1)[0]
     env = {**os.environ, "DBP_GATEWAY_TRITON_URLS": grpc_url, "DBP_GATEWAY_PORT": str(port),
            "DBP_GATEWAY_MODEL_REPOSITORY": str(repo), "DBP_GATEWAY_LOG_LEVEL": "warning",
-           "DBP_GATEWAY_MAX_IN_FLIGHT": "64"}
+           "DBP_GATEWAY_MAX_IN_FLIGHT": "64", "DBP_GATEWAY_SEED_SECRET": SEED_SECRET}
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -142,7 +146,9 @@ def purifier_counts(http_url: str) -> tuple[int, int]:
 
 async def measure(args, grpc_url: str, gw_url: str, http_url: str) -> dict:
     png = SAMPLE.read_bytes()
-    direct, gateway = Direct(grpc_url, tensor(png), args.seed), ViaGateway(gw_url, png, args.seed, args.concurrency)
+    x = tensor(png)
+    noise_seed = derive_seed(SEED_SECRET.encode(), args.seed, image_digest(x[0]))
+    direct, gateway = Direct(grpc_url, x, noise_seed), ViaGateway(gw_url, png, args.seed, args.concurrency)
     try:
         labels = {await direct(), await gateway()}  # warm-up, and both paths must agree on the answer
         for _ in range(args.warmup):
