@@ -179,11 +179,11 @@ class Stack:
         return gw.start()
 
     def kill_triton(self) -> None:
-        """SIGKILL to tritonserver only (its stubs notice and exit), as a crash would."""
+        """SIGKILL to tritonserver only, as a crash would; its stubs outlive it (docs/serving.md)."""
         assert self.triton is not None and self.triton.proc is not None
         os.kill(self.triton.proc.pid, signal.SIGKILL)
         self.triton.proc.wait()
-        self.triton.stop()  # reaps, waits for the stubs, removes their shared memory
+        self.triton.stop()  # kills the stubs it left and removes its shared memory (its watchdog would too)
 
     def restart_triton(self) -> float:
         """A new tritonserver on the same ports; returns seconds until it was ready."""

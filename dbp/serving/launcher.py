@@ -12,7 +12,8 @@ interpreter; LD_LIBRARY_PATH holds the wheel's vendored libs and this Python's L
 the same libpython as the venv's stdlib); PATH starts with the venv's bin so the embedded Python finds the
 venv. If the stub cannot start, tritonserver hangs in "loading" forever, so readiness has a hard deadline
 and a pid check. Each server gets its own python-backend shm prefix, so stale regions can be told apart
-from those of a live server started by someone else (another test, `make up`).
+from those of a live server started by someone else (another test, `make up`). A watchdog process
+(dbp.serving.watchdog) kills the server's stubs and removes its regions when the server dies, however it dies.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import repository
+from . import watchdog
+from .watchdog import SHM_DIR, SHM_PREFIX
 
-SHM_DIR = Path("/dev/shm")
-# Keep the stock prefix in front so generic `triton_python_backend_shm_region_*` clean-ups still match.
-SHM_PREFIX = "triton_python_backend_shm_region_dbp"
+# A test session (tests/leak_check.py) puts a few hex digits here so that the regions of its servers, and
+# only those, can be found at its end among the regions of other servers on the same machine.
+SHM_TAG_ENV = "DBP_TRITON_SHM_TAG"
 _SHM_RE = re.compile(re.escape(SHM_PREFIX) + r"([0-9a-f]{12})_")
 CONTROL_MODES = ("none", "poll", "explicit")
 
@@ -196,6 +199,13 @@ def remove_stale_shm_regions(shm_dir: Path = SHM_DIR) -> list[Path]:
 
 # ---- the server ----------------------------------------------------------------------------------
 
+def _new_token() -> str:
+    tag = os.environ.get(SHM_TAG_ENV, "")
+    if not re.fullmatch(r"[0-9a-f]{0,8}", tag):
+        tag = ""
+    return tag + secrets.token_hex(6)[len(tag):]
+
+
 def _die_with_parent() -> None:
     # If the launching process is SIGKILLed (a killed pytest, a crashed CLI), do not leave a server behind.
     try:
@@ -213,13 +223,15 @@ class TritonServer:
         self.config = config
         self.repo = Path(config.repo).resolve()
         self.proc: Optional[subprocess.Popen] = None
-        self.token = secrets.token_hex(6)
+        self.token = _new_token()
         self.startup_s: Optional[float] = None
         self._own_run_dir = config.run_dir is None
         self.run_dir = Path(config.run_dir) if config.run_dir else None
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: Optional[threading.Thread] = None
         self.log_path: Optional[Path] = None
+        self._server_start: Optional[int] = None  # /proc start time of tritonserver: tells it from a reused pid
+        self.watchdog: Optional[subprocess.Popen] = None
 
     # urls ---------------------------------------------------------------
     @property
@@ -236,7 +248,7 @@ class TritonServer:
 
     @property
     def shm_prefix(self) -> str:
-        return f"{SHM_PREFIX}{self.token}_"
+        return watchdog.shm_prefix(self.token)
 
     def command(self, backends: Path) -> list[str]:
         c = self.config
@@ -285,16 +297,29 @@ class TritonServer:
         self.proc = subprocess.Popen(self.command(backends), env=server_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        (self.run_dir / "tritonserver.pid").write_text(f"{self.proc.pid}\n")
-        self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
-        self._reader.start()
+        # read before anything can reap the child, so the pid still names this server
+        self._server_start = watchdog.start_time(self.proc.pid)
         try:
+            (self.run_dir / "tritonserver.pid").write_text(f"{self.proc.pid}\n")
+            self._start_watchdog()
+            self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
+            self._reader.start()
             self._wait_ready(t0 + self.config.ready_timeout)
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.monotonic() - t0
         return self
+
+    def _start_watchdog(self) -> None:
+        """The process that kills this server's stubs and removes its regions once the server is gone, also
+        when this process was SIGKILLed and nobody calls stop(). A session of its own, so that signals to this
+        process's group (Ctrl-C, a test runner killing its group) spare it."""
+        with open(self.run_dir / "watchdog.log", "ab") as log:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-S", "-E", watchdog.__file__, str(self.proc.pid), str(self._server_start or 0),
+                 str(os.getpid()), self.token, str(self.config.stop_timeout)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_ready(self, deadline: float) -> None:
         url = f"http://{self.config.host}:{self.config.http_port}/v2/health/ready"
@@ -331,17 +356,19 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: takes the stubs with it
                 rc = self.proc.wait()
+        # The stubs of a killed server may still run (they ignore SIGTERM and can hang on their way out), so
+        # whatever is left goes now, not only when the watchdog gets to it; they hold the log pipe open too,
+        # hence before joining the reader.
+        watchdog.cleanup(self.proc.pid, self._server_start or 0, self.shm_prefix)
         if self._reader is not None:
             self._reader.join(timeout=5)
-        # stubs of a killed server exit by themselves within ~5 s; then their regions are stale
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(self.shm_prefix in c for c in _live_cmdlines()):
-            time.sleep(0.2)
-        for f in SHM_DIR.glob(self.shm_prefix + "*"):
-            try:
-                f.unlink()
-            except FileNotFoundError:
-                pass
+        if self.watchdog is not None:
+            try:  # it sees the server gone within a poll and exits
+                self.watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
+            self.watchdog = None
         if self._own_run_dir and self.run_dir is not None and rc == 0:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # keep the log of a failed run
         self.proc = None
