@@ -11,6 +11,8 @@ import torch
 # rootdir conftest's folder there; `training` imports through pyproject's pythonpath)
 from helpers import export_repo_factory, triton_server_factory  # noqa: F401
 
+pytest_plugins = ["leak_check"]  # the run fails if it leaves processes or shm regions behind (tests/leak_check.py)
+
 # Two cores and several suites: one thread per test process keeps timings sane and results deterministic.
 torch.set_num_threads(int(os.environ.get("DBP_TEST_THREADS", "1")))
 
