@@ -132,7 +132,13 @@ def _batches(c: Client, model: str) -> collections.Counter:
 
 
 def test_bad_and_good_request_in_one_batch(server, http):
-    """While a slow request occupies the instance, a bad and a good one queue up and share the next execute()."""
+    """While a slow request occupies the instance, a bad and a good one queue up and share the next execute().
+
+    The wait before sending them must cover the slow request's way into execute() (client, transfer, the
+    20 ms batching delay), which a loaded machine stretches, and stay below its execution (~2 s here, and
+    longer under load): 0.5 s, where 0.15 s left little room on the side that load eats into.
+    Checked by mutation of dbp/serving/triton_glue.py (2026-12-06): one bad request failing its whole
+    execute() fails."""
     before = _batches(http, "purifier")
     good, bad = images(1, seed=4), images(1, seed=4)
     bad[0, 0, 5, 5] = np.nan
@@ -148,7 +154,7 @@ def test_bad_and_good_request_in_one_batch(server, http):
 
     with ThreadPoolExecutor(3) as pool:
         slow = pool.submit(call, dict(IMAGES=images(8), VOTES=votes(16, 8)))
-        time.sleep(0.15)
+        time.sleep(0.5)
         res = list(pool.map(call, [dict(IMAGES=bad), dict(IMAGES=good)]))
         assert isinstance(slow.result(), dict)
     assert isinstance(res[0], InferenceServerException) and "NaN" in str(res[0])
