@@ -10,7 +10,7 @@ setting, the image indices, the per-image noise seed and the per-image boolean o
 over all of it. Two records are comparable only if everything but the outcomes agrees;
 `compare` refuses anything else with a `NotComparableError` naming the first mismatch.
 
-API (pure functions, no torch needed beyond what `dbp.robustness` imports):
+API (pure functions, torch-free):
 
   rec = OutcomeRecord.build(outcomes, indices=idx, seeds=seed, dataset="fashion_mnist", split="test",
                             setting="linf-dwbox")          # seeds: one int for all images, or one per image
@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
-from .robustness import Z95, wilson
+from .stats import Z95, wilson
 
 VERDICTS = ("significantly_better", "not_significantly_different", "significantly_worse")
 METHOD = {"test": "McNemar exact (two-sided binomial on discordant pairs)",
@@ -192,6 +192,16 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / (1 << m))  # int / int: correctly rounded however large m is
 
 
+def mcnemar_one_sided(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value for "the candidate is better": P(Binomial(b + c, 1/2) >= b)."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    m = b + c
+    if m == 0:
+        return 1.0
+    return sum(math.comb(m, i) for i in range(b, m + 1)) / (1 << m)
+
+
 def wilson_cc(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval with continuity correction (Newcombe 1998a, method 4)."""
     if n <= 0:
@@ -312,6 +322,35 @@ def paired_scores(candidate: Sequence[float], baseline: Sequence[float], draws: 
     return {"n": n, "diff": mean, "ci95": [mean - Z95 * se, mean + Z95 * se], "p_value": min(1.0, p),
             "method": f"paired mean difference of per-image scores; normal interval; sign-flip permutation "
                       f"test, {how}"}
+
+
+def paired_hits(candidate_hits: Sequence[int], baseline_hits: Sequence[int], k: int) -> dict:
+    """`paired_scores` for per-image hits out of k (an EoT card's expected accuracy), with an EXACT sign-flip
+    p-value at any n: the per-image differences are integers, so the null distribution of their signed sum is
+    a convolution over integer offsets (numpy, no random draws: the server and the gateway recompute it and
+    must get the same number on every machine)."""
+    import numpy as np
+
+    hc, hb = [int(h) for h in _flat(candidate_hits)], [int(h) for h in _flat(baseline_hits)]
+    if k < 1 or len(hc) != len(hb) or len(hc) < 2:
+        raise ValueError(f"paired hits need k >= 1 and the same number (>= 2) of images, got k={k}, "
+                         f"{len(hc)} and {len(hb)}")
+    if not all(0 <= h <= k for h in hc + hb):
+        raise ValueError(f"hits must lie in [0, {k}]")
+    d = [a - b for a, b in zip(hc, hb)]
+    n, total = len(d), sum(abs(v) for v in d)
+    dist = np.zeros(2 * total + 1)
+    dist[total] = 1.0
+    for m in (abs(v) for v in d if v):
+        dist = 0.5 * (np.roll(dist, m) + np.roll(dist, -m))  # no wrap-around: |sum| never exceeds total
+    observed = abs(sum(d))
+    offsets = np.abs(np.arange(-total, total + 1))
+    p = float(dist[offsets >= observed].sum())
+    mean = sum(d) / n / k
+    se = math.sqrt(sum((v / k - mean) ** 2 for v in d) / (n - 1) / n)
+    return {"n": n, "k": k, "diff": mean, "ci95": [mean - Z95 * se, mean + Z95 * se], "p_value": min(1.0, p),
+            "method": "paired mean difference of per-image expected accuracy (hits/k); normal interval; exact "
+                      "sign-flip permutation test (convolution over integer differences)"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from torch import nn
 from .attacks import PAPER_BUDGET, PGD, AttackConfig, AttackResult
 from .diffusion import PurifyNoise
 from .models import Defense
+from .stats import Z95, wilson  # noqa: F401 - re-exported: callers import them from here
 
-Z95 = 1.959963984540054
 
 
 # ---- protocols ---------------------------------------------------------------------------------------
@@ -138,17 +138,6 @@ def bare_robust_correct(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 # ---- intervals ------------------------------------------------------------------------------------------
-
-def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; sane at 0, 1 and small n."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
 
 def mean_interval(scores: Sequence[float] | torch.Tensor, z: float = Z95) -> tuple[float, float]:
     """95% interval of a mean of per-sample scores in [0, 1].
