@@ -9,8 +9,7 @@ Measured in one run, on the same weights and thread count:
   * Triton: `--requests` single-image requests to purify_classify from `--concurrency` client threads
     (gRPC), and the same requests one at a time (batch-1 sequential),
   * server start-up time (launch -> /v2/health/ready) and RSS/PSS of tritonserver and each model stub.
-Goal: Triton >= 0.9x the ceiling. Weights: the newest version in --repo; if it has none, random weights of
-the default architectures (throughput does not depend on weight values) in a throwaway repository.
+Goal: Triton >= 0.9x the ceiling. Weights: the newest version in --repo (served from a throwaway copy).
 """
 from __future__ import annotations
 
@@ -29,11 +28,9 @@ import numpy as np
 import torch
 
 from dbp import repository
-from dbp.checkpoint import save_checkpoint, weights_sha256
 from dbp.models import Purifier, load_classifier, load_unet
 from dbp.repository import newest_version, set_parameter
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
-from training import export
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,30 +49,17 @@ def prepare_repo(src: Path, work: Path, args) -> Path:
         cfg.write_text(re.sub(r"max_queue_delay_microseconds: \d+", delay, cfg.read_text()))
     pur_v, cls_v = newest_version(src / "purifier"), newest_version(src / "classifier")
     if pur_v and cls_v:
-        # the deployed pair as it is served (card, and waiver where one stands): a re-export would need a card
-        # that meets today's gate rules, and the server checks the copy exactly as it checks the original
+        # the deployed pair as it is served, under its own version number (a legacy version's entry in the
+        # copied legacy.json names it): the server checks the copy exactly as it checks the original
         for role, v in (("purifier", pur_v), ("classifier", cls_v)):
-            dst = repository.version_dir(repo, role, 1)  # the benchmark serves its pair as version 1
+            dst = repository.version_dir(repo, role, v)
             shutil.copytree(repository.version_dir(src, role, v), dst, ignore=shutil.ignore_patterns("__pycache__"))
             repository.check_version(dst, role)
         print(f"weights: {src}/purifier/{pur_v} + {src}/classifier/{cls_v}")
         return repo
-    else:
-        from dbp.nets import build_classifier, build_unet
-        pur, cls = work / "ckpt" / "purifier", work / "ckpt" / "classifier"
-        save_checkpoint(pur, {"kind": "diffusion", "arch": {"unet": "small"}}, build_unet("small").state_dict())
-        save_checkpoint(cls, {"kind": "classifier", "arch": {"classifier": "small_cnn", "dataset": "fashion_mnist"}},
-                        build_classifier("small_cnn", "fashion_mnist").state_dict())
-        card = work / "card.json"
-        # throwaway repository only: random weights measure speed, and nothing here is ever published
-        card.write_text(json.dumps({
-            "schema": "dbp.robustness_card/1",
-            "model": {"purifier_sha256": weights_sha256(pur), "classifier_sha256": weights_sha256(cls)},
-            "gate": {"passed": True, "reasons": ["benchmark stand-in: random weights, throughput only"]},
-            "settings": []}))
-        print(f"weights: none in {src}; random weights of the default architectures (small UNet, small_cnn)")
-    export.export(pur, cls, card, repo)
-    return repo
+    # random weights would need a card that passes the gate, and nothing may serve without one
+    raise SystemExit(f"error: no deployed version in {src}: the benchmark serves the deployed pair "
+                     f"(export one with `python -m training.export`)")
 
 
 # ---- in-process ceiling ----------------------------------------------------------------------------
@@ -225,7 +209,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-triton-"))
     try:
         repo = prepare_repo(Path(args.repo), work, args)
-        pur_w, cls_w = repo / "purifier" / "1" / "weights", repo / "classifier" / "1" / "weights"
+        pur_w = repository.weights_dir(repo, "purifier", newest_version(repo / "purifier"))
+        cls_w = repository.weights_dir(repo, "classifier", newest_version(repo / "classifier"))
         print(f"purifier: {args.sampler}, t*={args.t_star}, N={args.num_inference_steps}, "
               f"{Purifier(load_unet(pur_w), args.t_star, args.sampler, args.num_inference_steps).n_unet_calls} "
               f"UNet calls, {args.threads} thread(s)")

@@ -1,15 +1,12 @@
-"""Robustness cards: the JSON a gate run writes, and the check export runs before publishing weights.
+"""Robustness cards: the JSON a gate run writes, and the checks export and the server run before using one.
 
 A card binds its accuracies to exact weights through the sha256 of each checkpoint's served weights
 file (`dbp.checkpoint.weights_sha256`), of its `meta.json` (the architecture; optimizer state left out, as
 export drops it) and to the purification settings it was measured with (t*, sampler, steps), so a card
-written for one model, or for other serving settings, cannot wave another one through.
+written for one model, or for other serving settings, cannot wave another one through (`card_bound_to`).
 
-A passing card must also show the minimum attack strength (`strength_problems`, issue 9): the threat
-models its thresholds named (with the paper's CIFAR budgets always among them), both modes (DW-box and
-the stochastic white-box EoT setting; EoT >= 10 and the expected accuracy for a randomized purifier),
-PGD >= 20 steps, at least the thresholds' minimum n per mode, and a clean git commit. Code floors
-(`FLOOR`) keep a lenient thresholds file from lowering those below what issue 9 demands.
+Whether a card passes is never read from it: `card_passes_for` verifies the gate's signature and recomputes
+the verdict from the card's per-image evidence under the pinned policy (`dbp.gate.verdict.verify`).
 
   card = load_card("runs/gate/card.json")
   ok, reason = card_passes(card, "model_repository/purifier/3/weights", "model_repository/classifier/3/weights")
@@ -26,16 +23,10 @@ import hashlib
 
 from .checkpoint import CheckpointError, weights_sha256
 
-SCHEMA = "dbp.robustness_card/2"
-OLD_SCHEMAS = ("dbp.robustness_card/1",)  # readable (the gateway's summary, waivers), never passing
-# Budgets per threat model, (eps, step) in [0, 1] pixel units. "paper": the CIFAR-10 budgets of the paper
-# (method.md §3.1); "fashion": the budget customary for Fashion-MNIST, where the paper's l_inf 8/255 leaves
-# even an undefended small CNN above 10% (docs/robustness-flags.md).
-THREAT_MODELS = {"paper": {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)},
-                 "fashion": {"linf": (0.1, 0.025)}}
-MODES = ("dwbox", "eot")
-# What no thresholds file can lower: PGD-20, EoT-10 for a randomized purifier, both modes, the paper's budgets
-FLOOR = {"min_steps": 20, "min_eot": 10, "modes": MODES, "threat_models": ("paper",), "min_n": {"dwbox": 1, "eot": 1}}
+from .gate.policy import MODES, THREAT_MODELS  # noqa: F401 - re-exported: one definition, in the policy
+from .gate.verdict import SCHEMA, VerdictError, verify
+
+OLD_SCHEMAS = ("dbp.robustness_card/1", "dbp.robustness_card/2")  # readable (summaries, legacy), never passing
 PURIFICATION_KEYS = ("t_star", "sampler", "num_inference_steps")
 
 
@@ -87,19 +78,29 @@ def card_passes(card: Mapping[str, Any] | str | Path, purifier_dir: str | Path,
 
 
 def card_passes_for(card: Mapping[str, Any] | str | Path, weights: Mapping[str, str | Path],
-                    purification: Optional[Mapping[str, Any]] = None) -> tuple[bool, str]:
+                    purification: Optional[Mapping[str, Any]] = None, *,
+                    baseline: Optional[Mapping[str, str]] = None) -> tuple[bool, str]:
     """card_passes for some of the roles: {role: weights dir}. A served version dir holds one role only.
 
     `purification`: the settings the caller will run (the server's config.pbtxt); they must be the card's.
+    `baseline`: {"purifier_sha256", "classifier_sha256"} of the deployed version, which the card must have been
+    compared with (export passes it; the server, which serves what export let through, does not).
     """
     ok, reason = card_bound_to(card, weights, purification)
     if not ok:
         return False, reason
     card = _as_card(card)
-    problems = strength_problems(card)
-    if problems:
-        return False, "card below the minimum attack strength: " + "; ".join(problems)
-    return True, "gate passed: " + ", ".join(_summary(s) for s in card["settings"])
+    try:
+        v = verify(card)
+    except VerdictError as e:
+        return False, str(e)
+    if baseline is not None:
+        b = card.get("baseline") if isinstance(card.get("baseline"), Mapping) else {}
+        if any(b.get(k) != baseline.get(k) for k in ("purifier_sha256", "classifier_sha256")):
+            return False, ("the card's baseline is not the deployed version (its weights differ): re-run the gate "
+                           "with --baseline_card of the deployed version, measured with the same protocol")
+    return True, (f"signed by {v['signed_by']}, passes the pinned policy {v['policy_sha256'][:12]}: "
+                  + ", ".join(_summary(s) for s in card["settings"]))
 
 
 def _as_card(card):
@@ -108,8 +109,8 @@ def _as_card(card):
 
 def card_bound_to(card: Mapping[str, Any] | str | Path, weights: Mapping[str, str | Path],
                   purification: Optional[Mapping[str, Any]] = None) -> tuple[bool, str]:
-    """The card passed its gate and was computed on exactly these weights, meta.json and purification
-    settings; says nothing about how strong its attacks were (`strength_problems`)."""
+    """The card was computed on exactly these weights, meta.json and purification settings; says nothing about
+    whether it passes (`card_passes_for` recomputes that)."""
     if not isinstance(card, Mapping):
         try:
             card = load_card(card)
@@ -128,7 +129,7 @@ def card_bound_to(card: Mapping[str, Any] | str | Path, weights: Mapping[str, st
             return False, (f"{role} weights in {d} (sha256 {actual[:12]}...) are not the weights the card was "
                            f"computed on (sha256 {expected[:12]}...)")
         want_meta = card["model"].get(f"{role}_meta_sha256")
-        if card.get("schema") == SCHEMA:
+        if card.get("schema") not in OLD_SCHEMAS[:1]:
             have_meta = meta_sha256(d)
             if want_meta != have_meta:
                 return False, (f"{role} meta.json in {d} (sha256 {str(have_meta)[:12]}...) is not the architecture "
@@ -140,13 +141,9 @@ def card_bound_to(card: Mapping[str, Any] | str | Path, weights: Mapping[str, st
         if diff:
             return False, ("the purification settings served are not the ones the card was measured with ("
                            + ", ".join(diff) + "): re-run the gate with the served settings")
-    if card.get("schema") == SCHEMA and card.get("binding") != binding_sha256(card):
+    if card.get("schema") not in OLD_SCHEMAS[:1] and card.get("binding") != binding_sha256(card):
         return False, "card binding hash does not match its model block (the card was edited)"
-    gate = card["gate"]
-    if not gate["passed"]:
-        reasons = "; ".join(gate.get("reasons") or []) or "no reason recorded"
-        return False, f"robustness gate failed: {reasons}"
-    return True, "gate passed"
+    return True, "bound to these weights"
 
 
 def meta_sha256(ckpt_dir: str | Path) -> Optional[str]:
@@ -170,58 +167,8 @@ def binding_sha256(card: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def strength_problems(card: Mapping[str, Any]) -> list[str]:
-    """Why a card does not show the minimum attack strength (empty: it does). Torch-free: export and the
-    server's check_version call it. Requirements come from card["requirements"] (the gate copies them from
-    its thresholds file), never below FLOOR."""
-    if card.get("schema") != SCHEMA:
-        return [f"schema {card.get('schema')!r} predates the attack-strength rules (issue 9); re-run the gate"]
-    req = card.get("requirements") if isinstance(card.get("requirements"), Mapping) else {}
-    out: list[str] = []
-    min_steps = max(int(req.get("min_steps", 0) or 0), FLOOR["min_steps"])
-    min_eot = max(int(req.get("min_eot", 0) or 0), FLOOR["min_eot"])
-    modes = tuple(dict.fromkeys([*FLOOR["modes"], *(req.get("modes") or [])]))
-    tms = tuple(dict.fromkeys([*FLOOR["threat_models"], *(req.get("threat_models") or [])]))
-    min_n = {md: max(int((req.get("min_n") or {}).get(md, 0) or 0), FLOOR["min_n"].get(md, 1)) for md in modes}
-    settings = [s for s in card.get("settings") or [] if isinstance(s, Mapping)]
-    randomized = card.get("randomized") is not False
-    for tm in tms:
-        if tm not in THREAT_MODELS:
-            out.append(f"unknown threat model {tm!r} in the requirements")
-            continue
-        for norm, (eps, _) in THREAT_MODELS[tm].items():
-            for md in modes:
-                s = next((s for s in settings if s.get("threat_model_name") == tm and s.get("threat_model") == norm
-                          and s.get("mode") == md), None)
-                where = f"{tm} {norm} eps={eps:.4g} {md}"
-                if s is None:
-                    out.append(f"no {where} setting (required: threat models {list(tms)}, modes {list(modes)})")
-                    continue
-                if abs(float(s.get("eps", -1)) - eps) > 1e-9:
-                    out.append(f"{where}: eps {s.get('eps')} is not the threat model's budget")
-                atk = s.get("attack") or {}
-                if int(atk.get("steps", 0)) < min_steps:
-                    out.append(f"{where}: PGD-{atk.get('steps')} < the minimum {min_steps} steps")
-                if md == "eot" and randomized:
-                    if int(atk.get("eot", 0)) < min_eot:
-                        out.append(f"{where}: EoT {atk.get('eot')} < the minimum {min_eot} for a randomized purifier")
-                    if not s.get("robust_expected"):
-                        out.append(f"{where}: no expected accuracy over k purifications")
-                if int(s.get("n", 0)) < min_n[md]:
-                    out.append(f"{where}: n={s.get('n')} < the minimum {min_n[md]}")
-    commit = str(card.get("git_commit") or "")
-    if not commit or commit == "unknown" or commit.endswith("-dirty"):
-        out.append(f"git commit {commit!r} is not a clean commit: gate from a clean checkout")
-    comp = card.get("comparison")
-    if isinstance(comp, Mapping):
-        for name, c in (comp.get("settings") or {}).items():
-            if isinstance(c, Mapping) and not c.get("promotable", False):
-                out.append(f"paired comparison {name}: {c.get('verdict', 'not promotable')} against the baseline")
-    return out
-
-
 def _summary(s: Mapping[str, Any]) -> str:
-    robust = (s.get("robust") or {}).get("acc")
+    robust = (s.get("worst_case") or s.get("robust") or {}).get("acc")
     name = s.get("name", "?")
     return f"{name} robust {robust:.1%}" if isinstance(robust, (int, float)) else name
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 WEIGHTS_DIR = "weights"
 CARD_FILE = "robustness_card.json"
 EXPORT_FILE = "export.json"
-WAIVER_FILE = "card_waiver.json"  # see check_version
+LEGACY_FILE = "legacy.json"  # at the repository root: versions served although their card fails (check_version)
 MODEL_FILE = "model.py"
 CONFIG_FILE = "config.pbtxt"
 TMP_PREFIX = ".export-"  # versions are built under this hidden name, then renamed into place
@@ -130,17 +130,17 @@ def purification_settings(repo: str | Path) -> dict[str, Any]:
 
 
 def check_version(version: str | Path, role: str, purification: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """The card of a version dir, if it passed the gate, was computed on exactly its weights and meta.json,
-    with the purification settings the server runs (`purification`, from its config.pbtxt; default: the
-    model dir's config.pbtxt for a purifier), and shows the minimum attack strength (dbp.card).
+    """The card of a version dir, if it is signed by a trusted key, passes the pinned policy when its verdict is
+    recomputed from its evidence (dbp.gate.verdict), and was computed on exactly this version's weights and
+    meta.json with the purification settings the server runs (`purification`, from its config.pbtxt; default:
+    the model dir's config.pbtxt for a purifier). The result carries `gate_status` ("passed" or "legacy").
 
     The server refuses anything else, so a directory copied in by hand cannot bypass export's check. The one
-    exception is a `card_waiver.json` beside the card naming that card's exact sha256 (WAIVER_FILE): it
-    lets a version whose card predates the strength rules keep serving, loudly, while its new card is
-    computed; weights, meta and purification settings must still match and the old gate must have passed.
-    Export never honours a waiver.
+    exception is the repository's legacy list (LEGACY_FILE): a version listed there with its card's exact
+    sha256, the rules it fails, an approver and an expiry date keeps serving until that date, reported as
+    "legacy" (never as passed). Export never consults the list.
     """
-    from .card import CardError, card_bound_to, load_card, strength_problems
+    from .card import CardError, card_bound_to, card_passes_for, load_card
 
     version = Path(version)
     try:
@@ -149,33 +149,38 @@ def check_version(version: str | Path, role: str, purification: Optional[Mapping
         raise RepositoryError(f"{version}: {e}; publish versions with `python -m training.export`") from None
     if purification is None and role == "purifier" and (version.parent / CONFIG_FILE).exists():
         purification = purification_settings(version.parent.parent)
-    ok, reason = card_bound_to(card, {role: version / WEIGHTS_DIR}, purification)
-    if not ok:
+    ok, reason = card_passes_for(card, {role: version / WEIGHTS_DIR}, purification)
+    if ok:
+        return {**card, "gate_status": {"status": "passed", "detail": reason}}
+    entry = legacy_entry(version, role)
+    if entry is None:
         raise RepositoryError(f"{version}: refusing to serve: {reason}")
-    problems = strength_problems(card)
-    if problems:
-        waiver = _waiver(version)
-        if waiver is None:
-            raise RepositoryError(f"{version}: refusing to serve: card below the minimum attack strength: "
-                                  + "; ".join(problems))
-        card = {**card, "waiver": {**waiver, "problems": problems}}
-    return card
+    bound, why = card_bound_to(card, {role: version / WEIGHTS_DIR}, purification)
+    if not bound:  # a legacy card still describes exactly these weights and settings
+        raise RepositoryError(f"{version}: refusing to serve: {why}")
+    return {**card, "gate_status": {"status": "legacy", **entry, "detail": reason}}
 
 
-def _waiver(version: Path) -> Optional[dict]:
+def legacy_entry(version: str | Path, role: str, today: Optional[str] = None) -> Optional[dict]:
+    """The repository's legacy-list entry for this version and its card, if one stands and has not expired."""
+    import datetime
     import hashlib
 
-    f = version / WAIVER_FILE
-    if not f.exists():
-        return None
+    version = Path(version)
+    repo = version.parent.parent
     try:
-        w = json.loads(f.read_text())
+        listed = json.loads((repo / LEGACY_FILE).read_text())
+        card_sha = hashlib.sha256((version / CARD_FILE).read_bytes()).hexdigest()
     except (OSError, json.JSONDecodeError):
         return None
-    card_sha = hashlib.sha256((version / CARD_FILE).read_bytes()).hexdigest()
-    if not isinstance(w, dict) or w.get("card_sha256") != card_sha or not str(w.get("reason", "")).strip():
-        return None
-    return w
+    today = today or datetime.date.today().isoformat()
+    for e in listed.get("versions", []) if isinstance(listed, dict) else []:
+        if not isinstance(e, dict) or e.get("model") != role or str(e.get("version")) != version.name:
+            continue
+        complete = all(e.get(k) for k in ("card_sha256", "failed_rules", "approver", "expires"))
+        if complete and e["card_sha256"] == card_sha and str(e["expires"]) >= today:
+            return {k: e[k] for k in ("failed_rules", "approver", "expires", "card_sha256")}
+    return None
 
 
 def serving_weights(ckpt_dir: str | Path) -> Path:

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import httpx
 
+from dbp import repository
 from loadtests.images import UPLOAD_FIELD, load_pngs, render_pngs
 from loadtests.stack import GatewayConfig, GatewayProcess, Stack, http_status
 
@@ -412,9 +413,15 @@ def run_drills(repo: Path, out: Path, plan: dict, only: Sequence[str] = DRILLS, 
             log(f"triton_kill: {_verdict(report['triton_kill'])}")
         if "version_swap" in only:
             versions = sorted(int(d.name) for d in (work_repo / "purifier").iterdir() if d.name.isdigit())
-            # publish the oldest weights as a new version, then the newest again: a change and a prune each
-            report["version_swap"] = version_swap(stack, images, cap, [republish(work_repo, versions[0]),
-                                                                       republish(work_repo, versions[-1])])
+            legacy = [v for v in (versions[0], versions[-1]) if repository.check_version(
+                repository.version_dir(work_repo, "purifier", v), "purifier")["gate_status"]["status"] == "legacy"]
+            if legacy:  # export refuses a card that does not pass the policy, so there is nothing to re-publish
+                report["version_swap"] = {"ok": True, "skipped": f"versions {legacy} are served as legacy: their "
+                                          f"cards cannot be re-exported (run the drill on signed versions)"}
+            else:
+                # publish the oldest weights as a new version, then the newest again: a change and a prune each
+                report["version_swap"] = version_swap(stack, images, cap, [republish(work_repo, versions[0]),
+                                                                           republish(work_repo, versions[-1])])
             log(f"version_swap: {_verdict(report['version_swap'])}")
         report["rss_mib_end"] = {k: round(v / 2**20, 1) for k, v in stack.rss().items()}
     report["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)

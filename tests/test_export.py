@@ -29,7 +29,7 @@ def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ck
     failed = write_card(tmp_path / "failed.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False)
     # a passing card, but computed on other weights (the classifier's hash where the purifier's belongs)
     other = write_card(tmp_path / "other.json", tiny_classifier_ckpt, tiny_classifier_ckpt)
-    for card, msg in [(failed, "robustness gate failed: robust accuracy 0.10 < 0.30"),
+    for card, msg in [(failed, r"does not pass under the pinned policy: vs_bare \(paper linf"),
                       (other, "purifier weights .* are not the weights the card was computed on"),
                       (tmp_path / "missing.json", "no robustness card")]:
         with pytest.raises(export.ExportError, match=msg):
@@ -88,10 +88,14 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
 
 
 @pytest.mark.parametrize("card_kw, words", [
-    (dict(modes=("dwbox",)), "no paper linf eps=0.03137 eot setting"),  # randomized purifier, no EoT
-    (dict(steps=2, eot=2, n={"dwbox": 8, "eot": 8}), "PGD-2 < the minimum 20"),  # --preset smoke
+    (dict(modes=("dwbox",)), "strength (paper linf eps=0.03137 eot): setting missing"),  # randomized, no EoT
+    (dict(steps=2, eot=2), "PGD-2 < 20 steps"),  # --preset smoke
+    (dict(n={"dwbox": 64, "eot": 16}), "n=64 < 256"),  # the old CPU sizes
     (dict(purification={"t_star": 50}), "t_star: served '100' vs card 50"),
-    (dict(commit="abc-dirty"), "not a clean commit"),
+    (dict(expected=False), "no per-image expected accuracy over k >= 10"),
+    (dict(clean=0.7), "clean (purified): 69.9%"),
+    (dict(robust=0.12), "vs_bare (paper l2 eps=0.5 eot)"),  # 12% vs 5% on 64 images: lower bound < +10 points
+    (dict(sign=False), "signature: the card is not signed"),
 ])
 def test_export_refuses_weak_or_unbound_cards(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, card_kw,
                                               words):
@@ -102,15 +106,74 @@ def test_export_refuses_weak_or_unbound_cards(repo, tmp_path, tiny_diffusion_ckp
     assert entries(repo / "purifier") == ["config.pbtxt", "model.py"]
 
 
-def test_export_refuses_a_card_significantly_worse_than_its_baseline(repo, tmp_path, tiny_diffusion_ckpt,
-                                                                     tiny_classifier_ckpt):
+def _tamper(card: dict, how: str) -> dict:
+    """Edits a forger with no signing key could make to a card (the signature stays the original's)."""
+    card = json.loads(json.dumps(card))
+    s = card["settings"][0]
+    if how == "passed_flipped":
+        card["gate"]["passed"] = not card["gate"]["passed"]
+    elif how == "figures_edited":
+        s["worst_case"]["acc"] = s["robust"]["acc"] = 0.99
+    elif how == "outcomes_fabricated":  # a whole new, self-consistent record: only the signature can tell
+        from dbp.paired import OutcomeRecord
+        rec = OutcomeRecord.build([1] * s["n"], indices=range(s["n"]), seeds=7, dataset="fashion_mnist",
+                                  split="test", setting=s["name"])
+        s["outcomes"], s["worst_case"]["acc"], s["robust"]["acc"] = rec.to_dict(), 1.0, 1.0
+    elif how == "other_key":
+        from dbp.gate import signing
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        card = signing.sign(card, Ed25519PrivateKey.generate())
+    return card
+
+
+@pytest.mark.parametrize("how, words", [
+    ("passed_flipped", "signature does not match the card's content"),
+    ("figures_edited", "signature does not match the card's content"),
+    ("outcomes_fabricated", "signature does not match the card's content"),
+    ("other_key", "which is not trusted"),
+])
+def test_export_refuses_tampered_cards(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, how, words):
+    """The card's own `gate.passed` is never trusted, and evidence only counts under the gate's signature."""
     from helpers import synthetic_card
-    card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    card["comparison"] = {"settings": {"linf-dwbox": {"verdict": "significantly_worse", "promotable": False}}}
     path = tmp_path / "card.json"
-    path.write_text(json.dumps(card))
-    with pytest.raises(export.ExportError, match="paired comparison linf-dwbox: significantly_worse"):
+    path.write_text(json.dumps(_tamper(synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt), how)))
+    with pytest.raises(export.ExportError, match=words):
         export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+
+
+def test_export_refuses_a_card_measured_under_another_policy(repo, tmp_path, tiny_diffusion_ckpt,
+                                                             tiny_classifier_ckpt):
+    """Signed and otherwise passing, but measured under a policy that is not the pinned file."""
+    from dbp.gate import signing
+    from helpers import TEST_SIGNING_KEY, synthetic_card
+    card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    card["policy"]["sha256"] = "0" * 64
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(signing.sign(card, signing.load_private_key(TEST_SIGNING_KEY))))
+    with pytest.raises(export.ExportError, match=r"policy \(card\): measured under policy 000000000000"):
+        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+
+
+def test_export_needs_the_deployed_version_as_baseline(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    """Once a version is deployed, a new card must have been compared with it (same images and seeds), must be
+    non-inferior on every setting and significantly better on one."""
+    first = write_card(tmp_path / "first.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, baseline=None)
+    assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo) == 1  # nothing deployed yet
+    with pytest.raises(export.ExportError, match="baseline is not the deployed version"):
+        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo)
+    from helpers import synthetic_card
+    card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, sign=False)
+    for name, b in card["baseline"]["settings"].items():  # the deployed version was as good: no superiority
+        s = next(s for s in card["settings"] if s["name"] == name)
+        b["outcomes"], b["expected_per_image"] = s["outcomes"], s["expected_per_image"]
+    from dbp.gate import signing
+    from helpers import TEST_SIGNING_KEY
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps(signing.sign(card, signing.load_private_key(TEST_SIGNING_KEY))))
+    with pytest.raises(export.ExportError, match=r"superiority \(Holm, declared settings\)"):
+        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+    better = write_card(tmp_path / "better.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, better, repo) == 2
 
 
 def test_provenance_records_no_absolute_paths(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):

@@ -1,199 +1,190 @@
-"""dbp.gate.verdict on synthetic cards: the margin over the bare classifier on interval bounds, the served
-setting always attacked, flags and sanity checks that fail a card, the attack-strength rules, and the paired
-comparison (McNemar) against a baseline. Pure functions: milliseconds per test."""
+"""dbp.gate.verdict and dbp.gate.policy: the verdict recomputed from a card's per-image evidence under the pinned
+policy. Pure functions on synthetic cards (helpers.synthetic_card: a card that passes, bent one way per test).
+
+Each test guards one rule; checked by mutation on 2026-12-06: deleting the `vs_bare` rule in `_Judge.setting`
+makes the identity and random-weights tests fail; making `loss_rise` always pass fails the flat-loss test;
+dropping the non-inferiority rule fails the baseline test; treating `attack_ineffective` as a rule fails the
+diagnostic test; lowering FLOOR["min_n"]["dwbox"] to 64 fails the floor test.
+"""
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import sys
+import subprocess
 
 import pytest
 
-from dbp.card import THREAT_MODELS
-from dbp.gate import ALL_FLAGS, CHECK_FLAGS, SETTING_FLAGS, check_thresholds, verdict
+from dbp.gate import policy as P
+from dbp.gate.verdict import SCHEMA, evaluate, find_setting
 from dbp.paired import OutcomeRecord
-from dbp.robustness import summarize
-
-ROOT = Path(__file__).resolve().parent.parent
-CPU = json.loads((ROOT / "configs" / "gate-fashion-cpu.json").read_text())
+from helpers import synthetic_card
 
 
-def stat(acc: float, n: int) -> dict:
-    k = round(acc * n)
-    return summarize([1.0] * k + [0.0] * (n - k), "synthetic")
+@pytest.fixture(scope="module")
+def good(tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    return synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, sign=False)
 
 
-def outcomes(acc: float, n: int, name: str, seed: int = 7) -> dict:
-    k = round(acc * n)
-    return OutcomeRecord.build([True] * k + [False] * (n - k), indices=range(n), seeds=seed, dataset="fashion_mnist",
-                               split="test", setting=name).to_dict()
+@pytest.fixture(scope="module")
+def make(tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    return lambda **kw: synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, sign=False, **kw)
 
 
-def card(robust: float = 0.6, bare: float = 0.1, clean: float = 0.85, n=None, modes=("dwbox", "eot"),
-         raised=(), checks_raised=(), expected: bool = True) -> dict:
-    n = {"dwbox": 64, "eot": 16, **(n or {})}
-    settings = []
-    for tm, norms in THREAT_MODELS.items():
-        for norm, (eps, step) in norms.items():
-            for md in modes:
-                name = f"{norm}-{md}" + ("" if tm == "paper" else f"@{tm}")
-                settings.append({
-                    "name": name, "threat_model_name": tm, "threat_model": norm, "eps": eps, "step": step,
-                    "mode": md, "n": n[md], "attack": {"algorithm": "PGD", "steps": 20, "eot": 10 if md == "eot" else 1},
-                    "clean": stat(clean, n[md]), "robust": stat(robust, n[md]), "worst_case": stat(robust, n[md]),
-                    "robust_expected": stat(robust, n[md]) if md == "eot" and expected else None,
-                    "bare_robust": stat(bare, n["dwbox"]), "outcomes": outcomes(robust, n[md], name),
-                    "flags": {f: {"raised": f in raised, "value": 0, "detail": ""} for f in SETTING_FLAGS}})
-    return {"schema": "dbp.robustness_card/2", "randomized": True, "clean": {"bare": stat(0.9, 64)},
-            "settings": settings, "requirements": {k: CPU[k] for k in ("threat_models", "modes", "min_n", "min_steps",
-                                                                          "min_eot")},
-            "sanity_checks": {f: {"raised": f in checks_raised, "detail": f"{f} detail"} for f in CHECK_FLAGS},
-            "git_commit": "0" * 40}
+def failed(v: dict) -> set[str]:
+    return {r["rule"] for r in v["rules"] if not r["passed"]}
 
 
-def test_a_purifier_well_above_the_bare_classifier_passes():
-    v = verdict(card(), CPU, "configs/gate-fashion-cpu.json")
+def set_outcomes(s: dict, bits: list[int]) -> None:
+    """Replace a setting's outcomes consistently (record, figures, expected hits)."""
+    rec = OutcomeRecord.build(bits, indices=range(len(bits)), seeds=7, dataset="fashion_mnist", split="test",
+                              setting=s["name"])
+    s["outcomes"] = rec.to_dict()
+    s["robust"]["acc"] = s["worst_case"]["acc"] = rec.accuracy
+    if s.get("expected_per_image"):
+        s["expected_per_image"] = {"k": 10, "hits": [10 * b for b in bits], "outcomes_sha256": rec.sha256}
+        s["robust_expected"]["acc"] = rec.accuracy
+
+
+def test_the_verdict_module_is_torch_free():
+    code = "import sys, dbp.gate.verdict, dbp.gate.signing; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_purifier_well_above_the_bare_classifier_passes(good):
+    v = evaluate(good)
     assert v["passed"], v["reasons"]
+    assert {r["rule"] for r in v["rules"]} >= {"strength", "evidence", "clean", "vs_bare", "loss_rise", "collapse",
+                                               "transfer", "baseline"}
 
 
-def test_an_identity_purifier_is_rejected_by_the_margin():
-    """Robust accuracy = the bare classifier's (the old absolute 10% threshold let this through)."""
-    v = verdict(card(robust=0.15, bare=0.15), CPU)
-    assert not v["passed"]
-    assert sum("does not show added robustness" in r for r in v["reasons"]) == 6  # every setting
-    old_style = {"min_clean_bare": 0.88, "min_clean": 0.80, "min_robust": {"*": 0.10}, "bare_robust_max": 0.40}
-    assert not any("added robustness" in r for r in verdict(card(robust=0.15, bare=0.15), old_style)["reasons"])
+def test_an_identity_purifier_is_rejected(make):
+    """The bare classifier behind an identity 'purifier': robust = bare on every image."""
+    v = evaluate(make(robust=0.05, bare=0.05))
+    assert failed(v) == {"vs_bare"}
+    assert sum(not r["passed"] for r in v["rules"] if r["rule"] == "vs_bare") == 4  # both norms, both modes
 
 
-def test_the_margin_is_judged_on_interval_bounds():
-    # 16 EoT images at 40% vs a bare 10% of 64: point estimates 30 points apart, but the lower bound of
-    # 6/16 (~18%) is not above 10%'s upper bound (~19%) + 5 points
-    v = verdict(card(robust=0.4, bare=0.1), CPU)
-    eot = [r for r in v["reasons"] if "-eot" in r]
-    dw = [r for r in v["reasons"] if "-dwbox" in r]
-    assert eot and all("lower bound" in r for r in eot) and not dw
+def test_a_small_gain_over_the_bare_classifier_is_not_enough(make):
+    """Significant (McNemar p < 0.01) but not by +10 points at the paired lower bound."""
+    v = evaluate(make(robust=0.15, bare=0.05))
+    bad = [r for r in v["rules"] if r["rule"] == "vs_bare" and not r["passed"]]
+    assert bad and all("lower bound >= +10%" in r["detail"] for r in bad)
 
 
-def test_the_served_setting_must_be_attacked():
-    v = verdict(card(modes=("dwbox",)), CPU)
-    assert not v["passed"] and any("eot setting" in r for r in v["reasons"])
-    v = verdict(card(expected=False), CPU)
-    assert any("no expected accuracy" in r for r in v["reasons"])
+def test_random_weights_and_a_blur_fail_on_clean_accuracy(make):
+    """Random weights classify ~10% of clean images right; a Gaussian blur strong enough to wash out
+    perturbations costs the classifier its clean accuracy (both fall below the policy's floor)."""
+    v = evaluate(make(clean=0.10, robust=0.06, bare=0.05))
+    assert {"clean", "vs_bare"} <= failed(v)
+    v = evaluate(make(clean=0.70))
+    assert failed(v) == {"clean"}
 
 
-@pytest.mark.parametrize("flag", ["attack_ineffective", "bare_not_collapsed", "zero_gradients"])
-def test_raised_setting_flags_fail_the_card(flag):
-    v = verdict(card(raised=(flag,)), CPU)
-    assert not v["passed"] and any(flag in r for r in v["reasons"])
+def test_jpeg_style_gradient_masking_fails_the_collapse_and_transfer_checks(good):
+    """A non-differentiable preprocessor (JPEG re-encoding) resists white-box gradients, not attacks: the
+    l_inf 0.3 attack no longer collapses it, and images attacked on the bare classifier do better."""
+    card = copy.deepcopy(good)
+    card["sanity_checks"]["large_budget_not_collapsed"]["outcomes"] = [1] * 6 + [0] * 2
+    card["sanity_checks"]["transfer_beats_white_box"]["outcomes"] = [0] * 8
+    assert failed(evaluate(card)) == {"collapse", "transfer"}
 
 
-@pytest.mark.parametrize("flag", CHECK_FLAGS)
-def test_raised_sanity_checks_fail_the_card(flag):
-    v = verdict(card(checks_raised=(flag,)), CPU)
-    assert not v["passed"] and any(f"sanity check {flag}" in r for r in v["reasons"])
-    c = card()
-    c["sanity_checks"] = None
-    assert any("no sanity checks ran" in r for r in verdict(c, CPU)["reasons"])
+def test_a_flat_attack_loss_fails(good):
+    card = copy.deepcopy(good)
+    card["settings"][0]["loss_trajectory"] = [0.7] * 20
+    assert failed(evaluate(card)) == {"loss_rise"}
 
 
-def test_too_few_images_fail_even_with_a_lenient_file():
-    lenient = {**CPU, "min_n": {"dwbox": 1, "eot": 1}, "min_steps": 1, "min_eot": 1}
-    c = card(n={"dwbox": 64, "eot": 8})
-    c["requirements"] = {**c["requirements"], "min_n": {"dwbox": 64, "eot": 16}}
-    assert any("n=8 < the minimum 16" in r for r in verdict(c, lenient)["reasons"])
-    c = card()
-    for s in c["settings"]:
-        s["attack"]["steps"] = 5
-    c["requirements"]["min_steps"] = 1  # below the code's floor of 20
-    assert any("PGD-5 < the minimum 20" in r for r in verdict(c, lenient)["reasons"])
-
-
-def test_no_thresholds_fail():
-    assert any("no thresholds configured" in r for r in verdict(card(), None)["reasons"])
-
-
-def test_thresholds_are_validated():
-    check_thresholds(CPU)
-    for bad, words in [({"margin": 2}, "margin"), ({"min_n": {"dwbox": 0}}, "min_n"), ({"bogus": 1}, "unknown"),
-                       ({"threat_models": ["cifar"]}, "threat_models"), ({"fail_on_flags": ["nope"]}, "fail_on")]:
-        with pytest.raises(ValueError, match=words):
-            check_thresholds(bad)
-    assert set(ALL_FLAGS) >= {"attack_ineffective", "large_budget_not_collapsed"}
-
-
-# ---- paired comparison (issue 13) ----------------------------------------------------------------------
-
-def test_a_model_compared_with_itself_is_never_significantly_different():
-    c = card(robust=0.55)
-    v = verdict(c, CPU, baseline=copy.deepcopy(c))
+def test_attack_ineffective_is_a_diagnostic_not_a_reason(make):
+    """Robust inside the clean interval (the old unpaired check that fired at n = 16 for real 15-20 point drops)
+    is printed, and the card still passes on its paired rules."""
+    v = evaluate(make(robust=0.85, clean=0.9))
     assert v["passed"], v["reasons"]
-    for res in c["comparison"]["settings"].values():
-        assert res["verdict"] == "not_significantly_different" and res["p_value"] == 1.0
-        assert res["promotable"] and not res["significantly_better"]
+    assert any(d["diagnostic"] == "attack_ineffective" and d["raised"] for d in v["diagnostics"])
 
 
-def test_a_significantly_worse_candidate_is_rejected_and_better_is_reported():
-    base = card(robust=0.7)
-    worse = card(robust=0.1, bare=0.0)
-    v = verdict(worse, CPU, baseline=base)
-    assert not v["passed"] and any("significantly worse than the baseline" in r for r in v["reasons"])
-    better = card(robust=0.9)
-    v = verdict(better, CPU, baseline=base)
-    assert v["passed"], v["reasons"]
-    assert better["comparison"]["settings"]["linf-dwbox"]["significantly_better"] is True
+def test_strength_and_sizes_come_from_the_policy(make):
+    assert "n=64 < 256" in " ".join(evaluate(make(n={"dwbox": 64}))["reasons"])
+    assert "n=16 < 64" in " ".join(evaluate(make(n={"eot": 16}))["reasons"])
+    assert "EoT-2 < 10" in " ".join(evaluate(make(eot=2))["reasons"])
+    v = evaluate(make(threat_models=("paper",)))  # the reported Fashion-MNIST budget must be measured too
+    assert "strength (fashion linf eps=0.1 dwbox): setting missing" in v["reasons"]
 
 
-def test_outcomes_are_bound_to_images_and_seeds():
-    base, cand = card(), card()
-    for s in base["settings"]:
-        s["outcomes"] = outcomes(0.6, s["n"], s["name"], seed=8)  # another noise draw
-    v = verdict(cand, CPU, baseline=base)
-    assert not v["passed"] and any("not comparable" in r and "seed" in r for r in v["reasons"])
-    base = card()
-    base["settings"][0]["outcomes"]["outcomes"] = "0" * 64  # edited outcomes: the digest no longer matches
-    assert any("sha256" in r for r in verdict(card(), CPU, baseline=base)["reasons"])
+def test_figures_must_be_the_evidence(good):
+    card = copy.deepcopy(good)
+    card["settings"][1]["worst_case"]["acc"] = 0.99
+    assert "shown robust accuracy 0.99 is not its outcomes'" in " ".join(evaluate(card)["reasons"])
+    card = copy.deepcopy(good)
+    card["clean"]["purified"]["acc"] = 0.99
+    assert failed(evaluate(card)) == {"evidence"}
+    card = copy.deepcopy(good)
+    card["settings"][0]["outcomes"]["outcomes"] = "1" * card["settings"][0]["n"]  # digest no longer matches
+    assert "fails its sha256 check" in " ".join(evaluate(card)["reasons"])
+    card = copy.deepcopy(good)
+    card["data"]["indices"] = list(range(1000, 1000 + card["data"]["n"]))  # outcomes of other images
+    assert "not on the card's images" in " ".join(evaluate(card)["reasons"])
 
 
-def with_expected(c: dict, hits_of) -> dict:
-    """Give every EoT setting per-image expected scores (hits out of k=10), bound to its outcomes."""
-    for s in c["settings"]:
-        if s["mode"] == "eot":
-            s["expected_per_image"] = {"k": 10, "hits": [hits_of(i) for i in range(s["n"])],
-                                       "outcomes_sha256": s["outcomes"]["sha256"]}
-    return c
+def test_a_card_from_a_dirty_tree_fails(good):
+    assert failed(evaluate({**copy.deepcopy(good), "git_commit": "abc123-dirty"})) == {"provenance"}
 
 
-def test_expected_accuracy_is_paired_too_and_a_significant_drop_refuses_the_promotion():
-    base = with_expected(card(), lambda i: 8)
-    same = with_expected(card(), lambda i: 8)
-    v = verdict(same, CPU, baseline=base)
-    assert v["passed"], v["reasons"]
-    e = same["comparison"]["settings"]["linf-eot"]["expected"]
-    assert e["diff"] == 0 and e["p_value"] == 1.0 and e["verdict"] == "not_significantly_different"
-    # same single-shot outcomes (McNemar sees nothing), but every image's expected accuracy drops 8/10 -> 5/10
-    worse = with_expected(card(), lambda i: 5 + i % 2)
-    v = verdict(worse, CPU, baseline=base)
-    assert not v["passed"] and any("expected accuracy over k=10 significantly worse" in r for r in v["reasons"])
-    res = worse["comparison"]["settings"]["linf-eot"]
-    assert res["verdict"] == "not_significantly_different" and res["promotable"] is False
-    assert res["expected"]["verdict"] == "significantly_worse" and res["expected"]["ci95"][1] < 0
-    better = with_expected(card(), lambda i: 10)
-    assert verdict(better, CPU, baseline=base)["passed"]
-    assert better["comparison"]["settings"]["linf-eot"]["expected"]["verdict"] == "significantly_better"
+def test_the_card_must_be_measured_under_the_pinned_policy(good):
+    card = copy.deepcopy(good)
+    card["policy"]["sha256"] = "f" * 64
+    assert failed(evaluate(card)) == {"policy"}
+    card = {**copy.deepcopy(good), "schema": "dbp.robustness_card/2"}
+    assert "schema" in failed(evaluate(card))
 
 
-def test_expected_scores_must_be_bound_and_comparable():
-    base = with_expected(card(), lambda i: 8)
-    other_k = with_expected(card(), lambda i: 8)
-    for s in other_k["settings"]:
-        if s.get("expected_per_image"):
-            s["expected_per_image"]["k"] = 20
-    assert any("not comparable" in r and "k=20" in r for r in verdict(other_k, CPU, baseline=base)["reasons"])
-    unbound = with_expected(card(), lambda i: 8)
-    unbound["settings"][1]["expected_per_image"]["outcomes_sha256"] = "0" * 64
-    assert any("not bound" in r for r in verdict(unbound, CPU, baseline=base)["reasons"])
-    broken = with_expected(card(), lambda i: 8)
-    broken["settings"][1]["expected_per_image"]["hits"] = "lots"
-    assert any("malformed per-image expected" in r for r in verdict(broken, CPU, baseline=base)["reasons"])
-    # an older baseline card without per-image expected scores: compared on the outcomes alone, no refusal
-    assert verdict(with_expected(card(), lambda i: 8), CPU, baseline=card())["passed"]
+def test_baseline_non_inferiority_and_superiority(good):
+    """Against the deployed version on the same images: a 5-point loss on one setting fails non-inferiority even
+    when another setting is better; an equal model fails superiority."""
+    card = copy.deepcopy(good)
+    s = find_setting(card, "paper", "l2", "dwbox")
+    n = s["n"]
+    set_outcomes(s, [1] * round(0.55 * n) + [0] * (n - round(0.55 * n)))  # baseline has 60% there
+    v = evaluate(card)
+    assert failed(v) == {"baseline"} and "non-inferiority" in " ".join(v["reasons"])
+    card = copy.deepcopy(good)
+    for name, b in card["baseline"]["settings"].items():
+        s = next(x for x in card["settings"] if x["name"] == name)
+        b["outcomes"], b["expected_per_image"] = s["outcomes"], s["expected_per_image"]
+    v = evaluate(card)
+    assert failed(v) == {"baseline"} and "superiority (Holm" in " ".join(v["reasons"])
+
+
+def test_eot_settings_are_compared_on_expected_accuracy(good):
+    """Same single-shot outcomes as the baseline, but fewer purifications right per image: the sign-flip test on
+    per-image hits sees it (McNemar on the booleans could not)."""
+    card = copy.deepcopy(good)
+    s = find_setting(card, "paper", "linf", "eot")
+    b = card["baseline"]["settings"][s["name"]]
+    b["outcomes"] = s["outcomes"]
+    b["expected_per_image"] = copy.deepcopy(s["expected_per_image"])
+    s["expected_per_image"]["hits"] = [max(0, h - 3) if h else 0 for h in s["expected_per_image"]["hits"]]
+    s["robust_expected"]["acc"] = sum(s["expected_per_image"]["hits"]) / (10 * s["n"])
+    v = evaluate(card)
+    assert "expected accuracy over k=10" in " ".join(v["reasons"])
+
+
+def test_the_shipped_policy_meets_the_floor_and_a_weaker_one_does_not():
+    pol = P.load_policy()
+    assert pol["min_n"] == {"dwbox": 256, "eot": 64} and pol["vs_bare"]["alpha"] <= 0.01
+    raw = json.loads(P.POLICY_FILE.read_text())
+    for edit, words in [(("min_n", "dwbox", 64), "min_n.dwbox 64 is below the floor"),
+                        (("vs_bare", "alpha", 0.05), "vs_bare.alpha 0.05 is above"),
+                        (("vs_bare", "min_lower_bound", 0.0), "vs_bare.min_lower_bound 0.0 is below"),
+                        (("declared", "modes", ["dwbox"]), "declared.modes must be"),
+                        (("baseline", "non_inferiority_margin", 0.1), "non_inferiority_margin 0.1 is above"),
+                        (("attack", "min_steps", 5), "attack.min_steps 5 is below")]:
+        weaker = copy.deepcopy(raw)
+        weaker[edit[0]][edit[1]] = edit[2]
+        assert any(words in p for p in P.floor_problems(weaker)), (edit, P.floor_problems(weaker))
+    assert not P.floor_problems(raw)
+
+
+def test_schema_constant_is_the_cards(good):
+    assert good["schema"] == SCHEMA

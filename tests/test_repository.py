@@ -53,29 +53,29 @@ def test_check_version_binds_the_card_to_the_weights(tmp_path, tiny_diffusion_ck
     v = tmp_path / "purifier" / "1"
     shutil.copytree(tiny_diffusion_ckpt, v / repository.WEIGHTS_DIR)
     write_card(v / repository.CARD_FILE, tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert repository.check_version(v, "purifier")["gate"]["passed"] is True
+    assert repository.check_version(v, "purifier")["gate_status"]["status"] == "passed"
     # the same card does not vouch for this dir as a classifier (other weights)
     with pytest.raises(repository.RepositoryError, match="classifier weights .* are not the weights"):
         repository.check_version(v, "classifier")
     write_card(v / repository.CARD_FILE, tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False)
-    with pytest.raises(repository.RepositoryError, match="refusing to serve: robustness gate failed"):
+    with pytest.raises(repository.RepositoryError, match=r"refusing to serve: .* pinned policy: vs_bare"):
         repository.check_version(v, "purifier")
     (v / repository.CARD_FILE).write_text(json.dumps({"schema": "something else"}))
     with pytest.raises(repository.RepositoryError, match="not a valid robustness card"):
         repository.check_version(v, "purifier")
 
 
-def test_committed_versions_pass_their_cards():
-    """Every shipped version is served: its card meets the rules, or a waiver bound to that exact card says
-    why not (and is reported at load)."""
+def test_committed_versions_are_served_and_legacy_ones_say_so():
+    """Every shipped version is served: its signed card passes the pinned policy, or the repository's legacy list
+    names its exact card, the rules it fails, an approver and an expiry (and it is reported as legacy)."""
     for role in repository.ROLES:
         vs = repository.versions(MODEL_REPOSITORY / role)
         assert vs, f"no deployed {role}"
         for v in vs:
-            card = repository.check_version(repository.version_dir(MODEL_REPOSITORY, role, v), role)
-            assert card["gate"]["passed"]
-            if "waiver" in card:
-                assert card["waiver"]["problems"] and card["waiver"]["reason"]
+            status = repository.check_version(repository.version_dir(MODEL_REPOSITORY, role, v), role)["gate_status"]
+            assert status["status"] in ("passed", "legacy")
+            if status["status"] == "legacy":
+                assert status["failed_rules"] and status["approver"] and status["expires"]
 
 
 def _version(tmp_path, ckpt, cls_ckpt, **card_kw):
@@ -88,25 +88,25 @@ def _version(tmp_path, ckpt, cls_ckpt, **card_kw):
 
 
 @pytest.mark.parametrize("card_kw, words", [
-    (dict(modes=("dwbox",)), "no paper linf eps=0.03137 eot setting"),
-    (dict(expected=False), "no expected accuracy"),
-    (dict(eot=1), "EoT 1 < the minimum 10"),
-    (dict(steps=2, n={"dwbox": 8, "eot": 4}), "PGD-2 < the minimum 20"),  # the smoke preset's strength
-    (dict(n={"dwbox": 8}), "n=8 < the minimum 64"),
-    (dict(threat_models=("fashion",)), "no paper l2 eps=0.5 dwbox"),
-    (dict(commit="abc123-dirty"), "not a clean commit"),
+    (dict(modes=("dwbox",)), "strength (paper linf eps=0.03137 eot): setting missing"),
+    (dict(expected=False), "no per-image expected accuracy"),
+    (dict(eot=1), "EoT-1 < 10"),
+    (dict(steps=2, n={"dwbox": 8, "eot": 4}), "PGD-2 < 20 steps"),  # the smoke preset's strength
+    (dict(n={"dwbox": 64}), "n=64 < 256"),
+    (dict(threat_models=("fashion",)), "strength (paper l2 eps=0.5 dwbox): setting missing"),
+    (dict(sign=False), "the card is not signed"),
 ])
-def test_server_refuses_cards_below_the_attack_strength(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt,
-                                                        card_kw, words):
+def test_server_refuses_cards_that_fail_the_policy(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, card_kw,
+                                                   words):
     repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, **card_kw)
-    with pytest.raises(repository.RepositoryError, match="minimum attack strength") as e:
+    with pytest.raises(repository.RepositoryError, match="refusing to serve") as e:
         repository.check_version(v, "purifier")
     assert words in str(e.value)
 
 
 def test_card_is_bound_to_the_served_purification_and_meta(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
     repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert repository.check_version(v, "purifier")["gate"]["passed"]
+    assert repository.check_version(v, "purifier")["gate_status"]["status"] == "passed"
     repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "t_star", 50)  # t* 100 -> 50
     with pytest.raises(repository.RepositoryError, match="t_star: served '50' vs card 100"):
         repository.check_version(v, "purifier")
@@ -119,15 +119,24 @@ def test_card_is_bound_to_the_served_purification_and_meta(tmp_path, tiny_diffus
         repository.check_version(v, "purifier")
 
 
-def test_a_waiver_is_bound_to_one_card(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+def test_the_legacy_list_is_bound_to_one_card_and_expires(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
     import hashlib
     repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, modes=("dwbox",))
-    waiver = {"card_sha256": hashlib.sha256((v / repository.CARD_FILE).read_bytes()).hexdigest(), "reason": "old card"}
-    (v / repository.WAIVER_FILE).write_text(json.dumps(waiver))
-    card = repository.check_version(v, "purifier")
-    assert card["waiver"]["reason"] == "old card" and "eot setting" in " ".join(card["waiver"]["problems"])
+    entry = {"model": "purifier", "version": 1, "failed_rules": ["strength: no EoT setting"], "approver": "a person",
+             "expires": "2999-01-01",
+             "card_sha256": hashlib.sha256((v / repository.CARD_FILE).read_bytes()).hexdigest()}
+    legacy = repo / repository.LEGACY_FILE
+    legacy.write_text(json.dumps({"versions": [entry]}))
+    status = repository.check_version(v, "purifier")["gate_status"]
+    assert status["status"] == "legacy" and status["failed_rules"] == ["strength: no EoT setting"]
+    assert "setting missing" in status["detail"]  # the recomputed reasons travel with it
+    for broken in ({"expires": "2000-01-01"}, {"approver": ""}, {"failed_rules": []}, {"version": 2}):
+        legacy.write_text(json.dumps({"versions": [{**entry, **broken}]}))
+        with pytest.raises(repository.RepositoryError, match="refusing to serve"):
+            repository.check_version(v, "purifier")
+    legacy.write_text(json.dumps({"versions": [entry]}))
     write_card(v / repository.CARD_FILE, tiny_diffusion_ckpt, tiny_classifier_ckpt, modes=("dwbox",), steps=5)
-    with pytest.raises(repository.RepositoryError, match="minimum attack strength"):  # another card: no waiver
+    with pytest.raises(repository.RepositoryError, match="refusing to serve"):  # another card: not listed
         repository.check_version(v, "purifier")
 
 

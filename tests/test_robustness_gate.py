@@ -1,4 +1,5 @@
-"""Robustness protocols, intervals, the gate CLI (cards, thresholds, resume, torchrun shards) and card_passes."""
+"""Robustness protocols, intervals, the gate CLI (cards, the pinned policy, signing, resume, torchrun shards) and
+card_passes."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from training import gate
 ROOT = Path(__file__).resolve().parent.parent
 
 # 8 images in 2 batches, l_inf, both settings, DDPM with 2 UNet calls: seconds per run, every code path
-EVAL_ARGS = ["--n_images", "8", "--batch_size", "4", "--norms", "linf", "--modes", "dwbox,eot", "--sampler", "ddpm",
+EVAL_ARGS = ["--n_images", "8", "--batch_size", "4", "--norms", "linf", "--modes", "dwbox,eot", "--sampler", "ddpm", "--t_star", "100",
              "--num_inference_steps", "10", "--steps", "2", "--eot", "2", "--k", "2", "--bare_steps", "5",
              "--grid_n", "4", "--threads", "1", "--threat_models", "paper", "--sanity_n", "2"]
 
@@ -116,44 +117,46 @@ def test_card_contents_and_plots(full_run, tiny_classifier_ckpt, tiny_diffusion_
                                           "transfer_beats_white_box"}
     assert card["randomized"] is True and card["git_commit"] and card["binding"]
     assert card["gate"]["passed"] is False  # --gate false never produces a passing card
+    # the verdict's evidence: per image, on the card's images, the bare classifier and the clean defence too
+    assert card["data"]["indices"] == list(range(8)) and len(card["data"]["images_sha256"]) == 64
+    assert len(card["clean"]["evidence"]["purified"]) == 8
+    assert all(len(s["bare_outcomes"]) == len(s["clean_outcomes"]) == s["n"] for s in card["settings"])
+    assert len(card["sanity_checks"]["large_budget_not_collapsed"]["outcomes"]) == 2
+    assert len(card["sanity_checks"]["transfer_beats_white_box"]["white_box"]) == 2
     for png in ("accuracy.png", "grid.png", "loss.png"):
         assert (full_run / png).stat().st_size > 1000
     ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert not ok and "gate failed" in why
+    assert not ok and "not signed" in why
 
 
-def test_trivial_gate_fails_only_on_strength_and_impossible_gate_fails(full_run, tiny_classifier_ckpt,
-                                                                       tiny_diffusion_ckpt, tmp_path, capsys):
+def test_the_gate_signs_and_judges_under_the_pinned_policy(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt,
+                                                            tmp_path, capsys, monkeypatch):
+    from dbp.gate import signing
+    from helpers import TEST_SIGNING_KEY
+    monkeypatch.setenv(signing.SIGNING_KEY_ENV, str(TEST_SIGNING_KEY))
     before = {f: f.stat().st_mtime_ns for f in (full_run / "state").glob("batch_*")}
-    trivial = write_json(tmp_path / "trivial.json", {"min_clean": 0.0, "min_robust": 0.0, "fail_on_flags": []})
     args = ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS + ["--out_dir", str(full_run)]
-    assert gate.main(args + ["--thresholds", str(trivial)]) == 1  # a smoke-strength run never passes
+    assert gate.main(args) == 1  # a smoke-strength run never passes
     card = load_card(full_run / "card.json")
-    reasons = card["gate"]["reasons"]
-    assert reasons and all(r.startswith("attack strength:") for r in reasons), reasons
-    assert any("PGD-2 < the minimum 20" in r for r in reasons) and any("EoT 2 < the minimum 10" in r for r in reasons)
-    assert card["gate"]["thresholds"]["source"] == str(trivial.name) or card["gate"]["thresholds"]["source"]
+    assert signing.verify(card) and card["policy"]["sha256"]
+    reasons = " ".join(card["gate"]["reasons"])
+    assert "PGD-2 < 20 steps" in reasons and "EoT-2 < 10" in reasons and "n=8 < 256" in reasons
+    assert "strength (paper l2 eps=0.5 dwbox): setting missing" in reasons  # --norms linf: l_2 unmeasured
+    assert "FAIL  strength" in capsys.readouterr().out  # the rule table is printed
     assert {f: f.stat().st_mtime_ns for f in (full_run / "state").glob("batch_*")} == before  # nothing re-run
+    ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)  # signed, and still refused
+    assert not ok and "PGD-2 < 20 steps" in why
 
-    robust = min(s["worst_case"]["acc"] for s in card["settings"])
-    assert robust < 1.0  # otherwise the threshold below would not be impossible
-    impossible = write_json(tmp_path / "impossible.json", {"min_robust": {"*": 1.0}, "fail_on_flags": []})
-    capsys.readouterr()
-    assert gate.main(args + ["--thresholds", str(impossible)]) == 1
-    err = capsys.readouterr().err
-    assert "GATE FAILED" in err and "robust accuracy" in err and "< minimum 100.00%" in err
-
-    # paired comparison: the run against its own card is not significantly different; against a card
-    # whose outcomes came from another noise draw it is not comparable
-    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(full_run / "card.json")]) == 1
+    # the baseline's per-image evidence travels in the card; another noise draw is not comparable
+    assert gate.main(args + ["--baseline_card", str(full_run / "card.json")]) == 1
     card = load_card(full_run / "card.json")
-    assert all(c["verdict"] == "not_significantly_different" for c in card["comparison"]["settings"].values())
-    assert not card["comparison"]["reasons"]
+    assert card["baseline"]["purifier_sha256"] == card["model"]["purifier_sha256"]
+    assert not any("not comparable" in r for r in card["gate"]["reasons"])
     base = json.loads((full_run / "card.json").read_text())
-    for s in base["settings"]:
-        s["outcomes"]["seeds"] = 999
+    for st in base["settings"]:
+        st["outcomes"]["seeds"] = 999
     baseline = write_json(tmp_path / "baseline.json", base)
-    assert gate.main(args + ["--thresholds", str(trivial), "--baseline_card", str(baseline)]) == 1
+    assert gate.main(args + ["--baseline_card", str(baseline)]) == 1
     assert "not comparable with the baseline" in capsys.readouterr().err
 
 
@@ -163,7 +166,7 @@ def test_card_passes_rejects_other_weights(full_run, tiny_classifier_ckpt, tiny_
     ok, why = card_bound_to(card, {"purifier": tiny_diffusion_ckpt, "classifier": tiny_classifier_ckpt})
     assert ok, why
     ok, why = card_passes(card, tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert not ok and "minimum attack strength" in why
+    assert not ok and "signature" in why  # unsigned, or signed before `passed` was set by hand
     other = tmp_path / "cls2"
     weights = {k: v + 1e-3 if v.is_floating_point() else v for k, v in load_weights(tiny_classifier_ckpt).items()}
     save_checkpoint(other, load_meta(tiny_classifier_ckpt), weights)
@@ -198,18 +201,20 @@ def test_resume_continues_from_saved_batches(full_run, tiny_classifier_ckpt, tin
     assert e.value.code == 2 and "steps" in capsys.readouterr().err
 
 
-def test_repository_version_with_gate_json_next_to_model(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt,
-                                                         tmp_path):
+def test_a_gate_json_next_to_the_model_changes_nothing(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt,
+                                                       tmp_path):
+    """Thresholds found beside a checkpoint used to replace the rules; the policy is pinned now."""
     repo = tmp_path / "model_repository"
     shutil.copytree(tiny_diffusion_ckpt, repo / "purifier" / "1" / "weights")
     shutil.copytree(tiny_classifier_ckpt, repo / "classifier" / "1" / "weights")
-    write_json(repo / "purifier" / "1" / "gate.json", {"min_robust": 0.0, "fail_on_flags": []})
+    write_json(repo / "purifier" / "1" / "gate.json", {"min_n": {"dwbox": 1}, "vs_bare": {"alpha": 1.0}})
     out = tmp_path / "repo-gate"
     shutil.copytree(full_run / "state", out / "state")  # same weights and settings: the saved results apply
     assert gate.main(["--repository", str(repo), "--version", "1", "--out_dir", str(out)] + EVAL_ARGS) == 1
     card = load_card(out / "card.json")
-    assert card["model"]["version"] == 1 and card["gate"]["thresholds"]["source"].endswith("gate.json")
-    assert all(r.startswith("attack strength:") for r in card["gate"]["reasons"])
+    from dbp.gate.policy import load_policy
+    assert card["model"]["version"] == 1 and card["policy"]["sha256"] == load_policy()["sha256"]
+    assert "n=8 < 256" in " ".join(card["gate"]["reasons"])
 
 
 def test_torchrun_shards_match_single_process(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
@@ -242,10 +247,11 @@ def test_bad_input_exits_2_with_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_thresholds_and_cli_exit_code(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path):
-    bad = write_json(tmp_path / "bad.json", {"min_robust": 80})
+def test_thresholds_cannot_be_passed_on_the_command_line(full_run, tiny_classifier_ckpt, tiny_diffusion_ckpt,
+                                                          tmp_path):
+    bad = write_json(tmp_path / "lenient.json", {"min_n": {"dwbox": 1}})
     r = subprocess.run([sys.executable, "-m", "training.gate"]
                        + ckpt_args(tiny_classifier_ckpt, tiny_diffusion_ckpt) + EVAL_ARGS
                        + ["--out_dir", str(full_run), "--thresholds", str(bad)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "min_robust must be a fraction" in r.stderr
+    assert r.returncode == 2 and "thresholds" in r.stderr

@@ -3,10 +3,10 @@
   python -m training.export --purifier runs/diffusion/checkpoint --classifier runs/classifier/checkpoint \
       --card runs/gate/card.json [--repo model_repository]
 
-Refuses unless the robustness card passed the gate AND was computed on exactly these weights, their
-meta.json and the repository's purification settings (purifier/config.pbtxt), AND shows the minimum
-attack strength of issue 9 (dbp.card.strength_problems: threat models, both modes, PGD-20, EoT-10,
-minimum n, a clean commit, a promotable paired comparison if it holds one). Each version dir is built under a hidden temporary name inside the model dir and
+Refuses unless the robustness card is signed by a trusted gate key, passes the pinned promotion policy when
+its verdict is recomputed from its per-image evidence (dbp.gate.verdict; the card's `gate.passed` is never
+read), was computed on exactly these weights, their meta.json and the repository's purification settings
+(purifier/config.pbtxt), and, once a version is deployed, was compared with that version's weights. Each version dir is built under a hidden temporary name inside the model dir and
 renamed into place, so a polling Triton never sees half a version. Only the serving weights travel (EMA
 if present, else the raw weights; never the optimizer). Version dirs beyond the config's
 `version_policy { latest { num_versions: N } }` are deleted: rolling back = deleting the newest dir.
@@ -80,16 +80,25 @@ def check_interface(repo: Path, eps, cls) -> None:
             raise ExportError(f"{cfg} names {len(names)} classes but the classifier has {n} outputs")
 
 
+def deployed_baseline(repo: Path) -> Optional[dict]:
+    """The weights' sha256 of the deployed (newest) version, which a new card must have been compared with."""
+    v = repository.newest_version(repository.model_dir(repo, "purifier"))
+    if v is None:
+        return None
+    return {f"{role}_sha256": ckpt.weights_sha256(repository.weights_dir(repo, role, v)) for role in repository.ROLES}
+
+
 def check_card(card_path: Path, purifier: Path, classifier: Path, repo: Optional[Path] = None) -> dict:
-    """The card passed, is bound to these weights, meta.json and the repository's purification settings
-    (purifier/config.pbtxt), shows the minimum attack strength, and any paired comparison is promotable."""
+    """The card is signed, passes the pinned policy from its evidence, is bound to these weights, meta.json and
+    the repository's purification settings (purifier/config.pbtxt), and was compared with the deployed version."""
     from dbp.card import CardError, card_passes_for, load_card
     try:
         card = load_card(card_path)
     except CardError as e:
         raise ExportError(str(e)) from None
     served = repository.purification_settings(repo) if repo is not None else None
-    ok, reason = card_passes_for(card, {"purifier": purifier, "classifier": classifier}, served)
+    baseline = deployed_baseline(repo) if repo is not None else None
+    ok, reason = card_passes_for(card, {"purifier": purifier, "classifier": classifier}, served, baseline=baseline)
     if not ok:
         raise ExportError(f"refusing to export: {reason}")
     print(f"card ok: {reason}")

@@ -1,20 +1,19 @@
 """Robustness gate CLI: attack purifier+classifier, write a robustness card, pass or fail against thresholds.
 
-The protocol, card, verdict and comparison live in dbp/gate.py (its docstring lists the thresholds keys);
-this is the command line over `dbp.gate.run`.
+The measurement lives in dbp/gate/run.py, the verdict (recomputed from the card's per-image evidence under the
+pinned policy dbp/gate/promotion_policy.json) in dbp/gate/verdict.py; this is the command line over
+`dbp.gate.run.run`. Purification settings default to what the repository serves. DBP_GATE_SIGNING_KEY names the
+private key that signs the card (without it the card is written unsigned and cannot be exported).
 
-  # the deployed pair on the CPU machine (DW-box 64 images, EoT 16; both threat models, sanity checks)
-  python -m training.gate --preset cpu --thresholds configs/gate-fashion-cpu.json --out_dir runs/gate/v2
-  # checkpoints
+  # the deployed pair at the policy's CPU sizes (DW-box 256, EoT 64 at k=10): the baseline measurement
+  python -m training.gate --repository model_repository --version 2 --preset cpu --gate false --out_dir runs/gate/v2
+  # a candidate, compared with the deployed version on the same images and seeds
   python -m training.gate --purifier runs/addt/checkpoint --classifier runs/classifier/checkpoint \
-      --preset cpu --thresholds configs/gate-fashion-cpu.json --out_dir runs/gate/cand
-  # paired promotion test against the deployed card (same images, seeds and settings)
-  python -m training.gate ... --baseline_card model_repository/purifier/2/robustness_card.json
+      --preset cpu --baseline_card runs/gate/v2/card.json --out_dir runs/gate/cand
   # convergence evidence: robust accuracy vs PGD steps 20/50/100 and EoT 10/20/50 on a few images
   python -m training.gate --preset cpu --report convergence --n_images 8 --out_dir runs/gate/convergence
   # paper scale (1024 images, DDPM 101 steps, PGD-20 + EoT-10): a GPU job, sharded
-  torchrun --nproc_per_node 4 -m training.gate --purifier ... --classifier ... --preset paper \
-      --thresholds configs/gate-fashion-gpu.json
+  torchrun --nproc_per_node 4 -m training.gate --purifier ... --classifier ... --preset paper
 
 Exit codes: 0 card written and gate passed (or --gate false); 1 gate failed (reasons on stderr);
 2 bad input; 3 stopped early (--max_batches) with results saved: rerun the same command to resume.
@@ -25,7 +24,7 @@ from __future__ import annotations
 import sys
 
 from dbp import config as C
-from dbp.gate import PRESETS, GateConfig, run
+from dbp.gate.run import PRESETS, GateConfig, run
 from dbp.runtime import set_threads
 
 

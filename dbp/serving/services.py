@@ -40,10 +40,11 @@ def load_version(version_dir: str | Path, role: str, require_card: bool = True,
     weights = version_dir / repository.WEIGHTS_DIR
     meta = ckpt.load_meta(weights)
     card = repository.check_version(version_dir, role, purification) if require_card else None
-    if card and card.get("waiver"):
-        print(f"WARNING: serving {version_dir} under a card waiver ({card['waiver'].get('reason')}): its card does "
-              f"not meet the attack-strength rules: {'; '.join(card['waiver']['problems'])}", file=sys.stderr,
-              flush=True)
+    status = (card or {}).get("gate_status") or {}
+    if status.get("status") == "legacy":
+        print(f"WARNING: serving {version_dir} as a LEGACY version (approved by {status.get('approver')} until "
+              f"{status.get('expires')}): its card fails {'; '.join(status.get('failed_rules') or [])}",
+              file=sys.stderr, flush=True)
     return Version(version_dir, weights, meta, card)
 
 

@@ -5,7 +5,7 @@
 Reads <runs>/<model>-{linf,l2,linf-dwbox}/card.json for the models base, clean<steps> and addt<steps>
 (linf-dwbox: final.sh PART=linf-dwbox, paired with the base's l_inf card on the same 512 images); prints a markdown table
 (accuracy with 95% Wilson intervals; EoT expected accuracy with its normal interval) and the paired
-comparisons ADDT vs clean, ADDT vs base, clean vs base per setting (dbp.gate.paired_comparison: McNemar's
+comparisons ADDT vs clean, ADDT vs base, clean vs base per setting (dbp.paired.compare: McNemar's
 exact test and Newcombe's interval on the per-image outcomes, which every card keeps with its images and
 seeds; the EoT row's per-image expected accuracy goes through dbp.paired.paired_scores, a sign-flip
 permutation test). --copy also writes the cards and the table (final.md, final.json; final<steps>.* for
@@ -26,10 +26,27 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from dbp.card import load_card  # noqa: E402
-from dbp.gate import paired_comparison  # noqa: E402
-from dbp.paired import paired_scores  # noqa: E402
+from dbp.paired import NotComparableError, OutcomeRecord, compare, paired_scores  # noqa: E402
 
 NORMS = ("linf", "l2", "linf-dwbox")
+
+
+def paired_comparison(card: dict, baseline: dict, alpha: float, source: str) -> dict:
+    """Per setting: McNemar's exact test and Newcombe's interval on the two cards' per-image outcomes."""
+    base = {s["name"]: s for s in baseline.get("settings", [])}
+    out: dict = {"baseline_card": source, "settings": {}, "reasons": []}
+    for s in card["settings"]:
+        b = base.get(s["name"])
+        if b is None or not b.get("outcomes"):
+            out["reasons"].append(f"{s['name']}: the baseline card has no per-image outcomes for this setting")
+            continue
+        try:
+            res = compare(OutcomeRecord.from_dict(s["outcomes"]), OutcomeRecord.from_dict(b["outcomes"]), alpha)
+        except NotComparableError as e:
+            out["reasons"].append(f"{s['name']}: not comparable with the baseline: {e}")
+            continue
+        out["settings"][s["name"]] = res.to_dict()
+    return out
 
 
 def models_for(steps: int, ref: int = 1500) -> tuple[dict[str, str], list[tuple[str, str]]]:

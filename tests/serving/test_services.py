@@ -53,9 +53,9 @@ def test_version_without_passing_card_is_refused(repo, tmp_path):
     v = tmp_path / "1"
     shutil.copytree(repo / "classifier" / "1", v)
     card = json.loads((v / repository.CARD_FILE).read_text())
-    card["gate"]["passed"] = False
+    card["gate"]["passed"] = False  # the cache is not read; the edit breaks the gate's signature
     (v / repository.CARD_FILE).write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="robustness gate failed"):
+    with pytest.raises(ValueError, match="signature does not match the card's content"):
         ClassifierService(v)
     (v / repository.CARD_FILE).unlink()
     with pytest.raises(ValueError, match="no robustness card"):

@@ -11,17 +11,14 @@
     (`worst_case`), intervals, flags (incl. `attack_ineffective`), per-image outcomes bound to the image
     indices and noise seeds (`dbp.paired.OutcomeRecord`), EoT settings' per-image hits out of k, the binding
     hash and the requirements.
-  - the verdict (`verdict`): pure function of a card, its thresholds and an optional baseline card
-    (paired McNemar comparison on the same images and seeds; for EoT settings also a sign-flip test on the
-    per-image expected accuracy; significantly worse in either refuses the promotion).
+  - the verdict: `dbp.gate.verdict.evaluate`, recomputed from the card's per-image evidence under the pinned
+    policy (dbp/gate/promotion_policy.json); the baseline is a card measured the same way on the deployed
+    version's weights, whose per-image outcomes travel in the new card. The card is signed when
+    DBP_GATE_SIGNING_KEY names the gate's private key (dbp.gate.signing); unsigned cards never export.
   - `convergence_report`: robust accuracy against PGD steps and EoT samples (plot).
 
-Thresholds file keys (configs/gate-*.json; all optional except what a passing card needs):
-  threat_models ["paper", "fashion"]   budgets from dbp.card.THREAT_MODELS
-  modes ["dwbox", "eot"], min_n {"dwbox": 64, "eot": 16}, min_steps 20, min_eot 10
-  margin {"*": 0.05}     per setting: robust lower bound > bare-classifier upper bound + margin
-  min_clean, min_robust, min_clean_bare, bare_robust_max (per setting key, "tm:norm" key, or "*")
-  fail_on_flags [...]  (default all), alpha 0.05 (paired comparison), sanity_n 8 (images for the checks)
+Purification settings (sampler, N, t*) default to what the repository serves (purifier/config.pbtxt), so the
+gate measures what is served.
 """
 from __future__ import annotations
 
@@ -38,23 +35,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import config as C, distributed, repository
-from .attacks import NORMS, AttackConfig, build_attack
-from .card import (FLOOR, MODES, SCHEMA, THREAT_MODELS, CardError, binding_sha256, load_card, meta_sha256, plot_card,
-                   strength_problems, write_card)
-from .checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
-from .data import DatasetError, load_dataset
-from .models import Defense, Purifier, load_classifier, load_unet
-from .paired import NotComparableError, OutcomeRecord, compare, paired_scores
-from .plots import image_grid
-from .robustness import (FLAG_NAMES, expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
+from .. import config as C, distributed, repository
+from ..attacks import NORMS, AttackConfig, build_attack
+from ..card import CardError, binding_sha256, load_card, meta_sha256, plot_card, write_card
+from ..checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
+from ..data import DatasetError, load_dataset
+from ..models import Defense, Purifier, load_classifier, load_unet
+from ..paired import OutcomeRecord
+from ..plots import image_grid
+from ..robustness import (FLAG_NAMES, expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
                          summarize, worst_case)
-from .runtime import git_commit
+from ..runtime import git_commit
+from . import signing
+from .policy import MODES, THREAT_MODELS, load_policy
+from .verdict import SCHEMA, evaluate, summary_lines
 
 EXIT_PASS, EXIT_FAIL, EXIT_INCOMPLETE = 0, 1, 3
-SETTING_FLAGS = (*FLAG_NAMES, "attack_ineffective")
-CHECK_FLAGS = ("large_budget_not_collapsed", "eot_gradient_inconsistent", "transfer_beats_white_box")
-ALL_FLAGS = (*SETTING_FLAGS, *CHECK_FLAGS)
 
 
 @dataclass
@@ -71,9 +67,10 @@ class GateConfig:
     threat_models: tuple[str, ...] = ("paper", "fashion")  # budgets: dbp.card.THREAT_MODELS
     norms: tuple[str, ...] = ("linf", "l2")  # filter on the threat models' norms
     modes: tuple[str, ...] = ("dwbox", "eot")
-    sampler: str = "ddpm"
-    num_inference_steps: Optional[int] = None  # default 1000 (ddpm, 101 UNet calls) / 100 (ddim, 11)
-    t_star: int = 100
+    # purification settings: default what the repository serves (purifier/config.pbtxt)
+    sampler: Optional[str] = None
+    num_inference_steps: Optional[int] = None
+    t_star: Optional[int] = None
     steps: int = 20  # PGD iterations
     eot: int = 10  # EoT samples per step in the stochastic setting
     eot_batched: bool = True
@@ -85,8 +82,9 @@ class GateConfig:
     batch_size: int = 16  # images per batch; the attack runs batch_size * eot rows at once
     seed: int = 0
     out_dir: str = "runs/gate"
-    thresholds: Optional[str] = None
-    baseline_card: Optional[str] = None  # paired comparison (same images, seeds, settings)
+    # a card measured with this protocol on the deployed version's weights (same images and seeds); export
+    # requires it once a version is deployed, and its per-image outcomes travel in the new card
+    baseline_card: Optional[str] = None
     gate: bool = True  # false: evaluate and write the card only (gate.passed=false, exit 0)
     report: str = "card"  # "convergence": robust accuracy vs PGD steps / EoT samples on --n_images (plot)
     max_batches: int = 0  # stop after this many new batches per rank (0: all); rerun to resume
@@ -101,16 +99,14 @@ class GateConfig:
 PRESETS = {
     "smoke": dict(n_images=8, batch_size=4, sampler="ddim", num_inference_steps=50, steps=2, eot=2, k=2, bare_steps=5,
                   sanity_n=2),
-    # what the 2-core CPU machine can afford (configs/gate-fashion-cpu.json asks for these n)
-    "cpu": dict(n_images=64, n_images_eot=16, batch_size=8, sampler="ddim", num_inference_steps=100, k=10),
-    "paper": dict(),  # 1024 images, both modes: configs/gate-fashion-gpu.json
+    # the pinned policy's CPU sizes: DW-box 256 images per norm, EoT 64 at k = 10
+    "cpu": dict(n_images=256, n_images_eot=64, batch_size=8, k=10),
+    "paper": dict(),  # 1024 images in both modes (the paper's subset): a GPU job
 }
 
-NON_EVAL_FIELDS = {"out_dir", "thresholds", "baseline_card", "gate", "max_batches", "grid_n", "threads", "report",
+NON_EVAL_FIELDS = {"out_dir", "baseline_card", "gate", "max_batches", "grid_n", "threads", "report",
                    "device", "repository", "version", "classifier_version", "purifier", "classifier", "data_root",
                    "grad_checkpoint", "checkpoint_budget_mb", "channels_last"}
-THRESHOLD_KEYS = {"threat_models", "modes", "min_n", "min_steps", "min_eot", "margin", "min_clean", "min_robust",
-                  "min_clean_bare", "bare_robust_max", "fail_on_flags", "alpha", "sanity_n"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +157,7 @@ class Ctx:
     device: torch.device
     sha: dict
     state: Path
+    images_sha256: str = ""
 
     @property
     def settings(self) -> list[Setting]:
@@ -191,7 +188,7 @@ def validate(cfg: GateConfig) -> None:
             raise C.ConfigError(f"--{name} must be a comma list of distinct values from {known}, got {','.join(vals)}")
     if not all_settings(cfg):
         raise C.ConfigError(f"--threat_models {','.join(cfg.threat_models)} has no norm in --norms {','.join(cfg.norms)}")
-    if cfg.sampler not in ("ddpm", "ddim"):
+    if cfg.sampler is not None and cfg.sampler not in ("ddpm", "ddim"):
         raise C.ConfigError(f"--sampler must be ddpm or ddim, got {cfg.sampler!r}")
     if cfg.keep not in ("best", "last"):
         raise C.ConfigError(f"--keep must be best or last, got {cfg.keep!r}")
@@ -216,6 +213,22 @@ def use_deployed(cfg: GateConfig) -> None:
             raise C.ConfigError(f"no model given and none deployed in {repo}: give --purifier and --classifier")
     cfg.repository = str(repo)
     print(f"gate: no --purifier/--classifier given; gating version {cfg.version} of {repo}", file=sys.stderr)
+
+
+def use_served_purification(cfg: GateConfig) -> None:
+    """Fill sampler / t* / N that were not given from the repository's purifier config: gate what is served."""
+    if cfg.sampler is not None and cfg.t_star is not None and cfg.num_inference_steps is not None:
+        return
+    repo = cfg.repository or repository.default_repository()
+    try:
+        served = repository.purification_settings(repo)
+    except (OSError, repository.RepositoryError, KeyError) as e:
+        raise C.ConfigError(f"cannot read the served purification settings of {repo}: {e}; give --sampler, "
+                            f"--t_star and --num_inference_steps") from None
+    cfg.sampler = cfg.sampler or served["sampler"]
+    cfg.t_star = cfg.t_star if cfg.t_star is not None else int(served["t_star"])
+    if cfg.num_inference_steps is None:
+        cfg.num_inference_steps = int(served["num_inference_steps"])
 
 
 def resolve_dirs(cfg: GateConfig) -> tuple[Path, Path]:
@@ -257,7 +270,16 @@ def ctx_for(cfg: GateConfig, pdir: Path, cdir: Path, defense: Defense, cmeta: di
         raise C.ConfigError(f"--n_images {cfg.n_images} exceeds the {len(test)} images of the {dataset} test split")
     test = test.head(cfg.n_images)
     return Ctx(cfg, pdir, cdir, defense, test.float01(), test.labels, test.classes, dataset, device, sha,
-               Path(cfg.out_dir) / "state")
+               Path(cfg.out_dir) / "state", images_sha256(test))
+
+
+def images_sha256(test) -> str:
+    """sha256 of the exact pixels and labels evaluated (decoded, so a recompressed archive hashes the same)."""
+    import hashlib
+    h = hashlib.sha256()
+    h.update(test.images.contiguous().numpy().tobytes())
+    h.update(test.labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def eval_config(ctx: Ctx) -> dict:
@@ -463,7 +485,7 @@ def image_seeds(ctx: Ctx, s: Setting, n: int) -> list[int]:
 
 def sanity(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict[str, dict]:
     """The three checks of dbp.sanity_checks on the first sanity_n images; cached in state/sanity.json."""
-    from .sanity_checks import eot_gradient_consistency, large_budget_check, transfer_check
+    from ..sanity_checks import eot_gradient_consistency, large_budget_check, transfer_check
 
     cfg = ctx.cfg
     f = ctx.state / "sanity.json"
@@ -482,79 +504,28 @@ def sanity(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict[str, dict]:
         out["transfer_beats_white_box"] = transfer_check(ctx.defense, ctx.defense.classifier, x, y, wb,
                                                          attack_config(cfg, dw), generator=gen,
                                                          source_name="bare classifier").to_dict()
+        out["transfer_beats_white_box"]["white_box"] = [int(v) for v in wb.tolist()]
+    for key in ("large_budget_not_collapsed", "transfer_beats_white_box"):  # the verdict reads per-image 0/1
+        if key in out and "per_image" in out[key]:
+            out[key]["outcomes"] = [int(round(v)) for v in out[key]["per_image"]["correct"]]
     _atomic_text(f, json.dumps(out))
     return out
 
 
 # ---- card and gate -------------------------------------------------------------------------------------
 
-def find_thresholds(cfg: GateConfig, purifier_dir: Path) -> tuple[Optional[dict], Optional[str]]:
-    if cfg.thresholds:
-        path = Path(cfg.thresholds)
-        if not path.exists():
-            raise C.ConfigError(f"--thresholds {path} does not exist")
-    else:
-        path = next((p for p in (purifier_dir.parent / "gate.json", purifier_dir.parent.parent / "gate.json")
-                     if p.exists()), None)
-        if path is None:
-            return None, None
-    try:
-        th = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise C.ConfigError(f"cannot read thresholds file {path}: {e}") from None
-    try:
-        check_thresholds(th)
-    except ValueError as e:
-        raise C.ConfigError(f"thresholds file {path}: {e}") from None
-    return th, repository.relative_path(path)
-
-
-def check_thresholds(th: Any) -> None:
-    """ValueError naming the first problem of a thresholds object."""
-    if not isinstance(th, dict):
-        raise ValueError("must hold a JSON object")
-    unknown = sorted(set(th) - THRESHOLD_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; known: {sorted(THRESHOLD_KEYS)}")
-    for key in ("min_clean", "min_robust", "min_clean_bare", "bare_robust_max", "margin"):
-        vals = th.get(key)
-        vals = list(vals.values()) if isinstance(vals, dict) else [] if vals is None else [vals]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in vals):
-            raise ValueError(f"{key} must be a fraction in [0, 1] (or a map of setting name to fraction), "
-                             f"got {th[key]!r}")
-    for key, known in (("threat_models", tuple(THREAT_MODELS)), ("modes", MODES), ("fail_on_flags", ALL_FLAGS)):
-        vals = th.get(key, [])
-        if not isinstance(vals, list) or set(vals) - set(known):
-            raise ValueError(f"{key} must be a list of names from {list(known)}, got {vals!r}")
-    for key in ("min_steps", "min_eot", "sanity_n"):
-        if key in th and (not isinstance(th[key], int) or th[key] < 0):
-            raise ValueError(f"{key} must be a non-negative integer, got {th[key]!r}")
-    if "min_n" in th and (not isinstance(th["min_n"], dict) or set(th["min_n"]) - set(MODES)
-                          or not all(isinstance(v, int) and v >= 1 for v in th["min_n"].values())):
-        raise ValueError(f"min_n must map modes {list(MODES)} to integers >= 1, got {th['min_n']!r}")
-    if "alpha" in th and not (isinstance(th["alpha"], float) and 0 < th["alpha"] < 1):
-        raise ValueError(f"alpha must be in (0, 1), got {th['alpha']!r}")
-
-
-def lookup(value: Any, s: dict) -> Optional[float]:
-    """A per-setting threshold: by setting name, by 'threat_model:norm', else '*'."""
-    if isinstance(value, dict):
-        value = value.get(s["name"], value.get(f"{s.get('threat_model_name', 'paper')}:{s['threat_model']}",
-                                               value.get("*")))
-    return None if value is None else float(value)
-
-
-def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: Optional[dict], th: Optional[dict],
+def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: Optional[dict], policy: dict,
                wall: float, world: int) -> dict:
-    from .sanity_checks import attack_ineffective
+    from ..sanity_checks import attack_ineffective
 
     cfg, pur = ctx.cfg, ctx.defense.purifier
-    th = th or {}
     n = len(ctx.y)
     clean = {"bare": summarize(m["clean_bare"], "single-shot, bare classifier"),
              "purified": summarize(m["clean_purified"], "single-shot (one fresh purification)")}
     if cfg.k:
         clean["purified_expected"] = summarize(m["clean_expected"], f"expected over k={cfg.k} purifications", k=cfg.k)
+    clean["evidence"] = {"bare": [int(v) for v in m["clean_bare"].tolist()],
+                         "purified": [int(v) for v in m["clean_purified"].tolist()]}
     bare_robust = {}
     for s in ctx.settings:
         if s.group not in bare_robust:
@@ -589,10 +560,7 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
         bare = bare_robust[s.group]
         flags = sanity_flags(clean_acc=entry_clean["acc"], robust_acc=worst.acc,
                              zero_grad_frac=float(m[f"{k}/zero_grad"].mean()), randomized=randomized, mode=s.mode,
-                             eot=atk.eot, bare_robust_acc=bare["acc"],
-                             bare_max=lookup(th.get("bare_robust_max"), {"name": k, "threat_model": s.norm,
-                                                                          "threat_model_name": s.threat_model})
-                             if th.get("bare_robust_max") is not None else 0.1)
+                             eot=atk.eot, bare_robust_acc=bare["acc"])
         flags["attack_ineffective"] = attack_ineffective(clean_c, worst.correct, m[f"{k}/loss"]).to_dict()
         settings.append({
             "name": k, "threat_model_name": s.threat_model, "threat_model": s.norm, "eps": s.eps, "step": s.step,
@@ -614,6 +582,9 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
                 "k": cfg.k, "hits": [round(float(v) * cfg.k) for v in m[f"{k}/robust_expected"]],
                 "outcomes_sha256": rec.sha256},
             "bare_robust": bare,
+            # the verdict's evidence: the bare classifier and the clean defence on the same images, per image
+            "bare_outcomes": [int(v) for v in m[f"bare_robust/{s.group}"][:nn_].tolist()],
+            "clean_outcomes": [int(v) for v in clean_c.tolist()],
             "loss_trajectory": [float(v) for v in m[f"{k}/loss"].mean(0)],
             "flags": flags,
         })
@@ -629,21 +600,18 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
                   "purification": {"t_star": pur.t_star, "sampler": pur.sampler,
                                    "num_inference_steps": pur.num_inference_steps, "unet_calls": pur.n_unet_calls}},
         "data": {"dataset": ctx.dataset, "split": "test", "n": n, "n_eot": ctx.n_eot,
+                 "indices": [int(i) for i in m["index"].tolist()], "images_sha256": ctx.images_sha256,
                  "selection": f"first {n} test images (stochastic setting: first {ctx.n_eot})",
                  "batch_size": cfg.batch_size},
         "randomized": randomized,
-        "requirements": {"threat_models": list(th.get("threat_models", FLOOR["threat_models"])),
-                         "modes": list(th.get("modes", FLOOR["modes"])),
-                         "min_n": dict(th.get("min_n", FLOOR["min_n"])),
-                         "min_steps": int(th.get("min_steps", FLOOR["min_steps"])),
-                         "min_eot": int(th.get("min_eot", FLOOR["min_eot"]))},
+        "policy": {"file": "dbp/gate/promotion_policy.json", "sha256": policy["sha256"]},
         "clean": clean, "bare_robust": bare_robust, "settings": settings, "sanity_checks": checks,
         "git_commit": git_commit(), "wall_time_s": round(wall, 1),
         "compute_time_s": round(float(m["time_s"]), 1), "world_size": world, "device": str(ctx.device),
         "torch": torch.__version__,
         "config": {k: v for k, v in C.to_dict(cfg).items() if k not in ("out_dir", "data_root")},
     }
-    for key in ("purifier", "classifier", "repository", "thresholds", "baseline_card"):
+    for key in ("purifier", "classifier", "repository", "baseline_card"):
         if card["config"].get(key):
             card["config"][key] = repository.relative_path(card["config"][key])
     card["binding"] = binding_sha256(card)
@@ -656,132 +624,16 @@ def setting_key(cfg: GateConfig, s: Setting, pur) -> str:
             f"apgd={cfg.apgd} {pur.sampler} t*={pur.t_star} N={pur.num_inference_steps}")
 
 
-def gate_robust(s: dict) -> float:
-    """The lowest robust accuracy over the protocols and attacks (Fixed-AutoAttack keeps the min)."""
-    vals = [(s.get("worst_case") or s["robust"])["acc"]]
-    if s.get("robust_expected"):
-        vals.append(s["robust_expected"]["acc"])
-    return min(vals)
-
-
-def gate_robust_interval(s: dict) -> tuple[float, float]:
-    stats = [s.get("worst_case") or s["robust"]] + ([s["robust_expected"]] if s.get("robust_expected") else [])
-    low = min(stats, key=lambda st: st["acc"])
-    return tuple(low["ci95"])
-
-
-def verdict(card: dict, th: Optional[dict], th_source: Optional[str] = None, baseline: Optional[dict] = None,
-            baseline_source: Optional[str] = None) -> dict:
-    """The gate's decision on a card: a pure function (fast unit tests on synthetic cards)."""
-    th = dict(th or {})
-    reasons: list[str] = []
-    if not th:
-        reasons.append("no thresholds configured: pass --thresholds FILE (configs/gate-*.json) or put gate.json "
-                       "next to the purifier checkpoint")
-    clean_bare_min = th.get("min_clean_bare")
-    if clean_bare_min is not None and card["clean"]["bare"]["acc"] < clean_bare_min:
-        reasons.append(f"bare classifier clean accuracy {card['clean']['bare']['acc']:.2%} < {clean_bare_min:.2%}")
-    fail_flags = th.get("fail_on_flags", list(ALL_FLAGS))
-    for s in card["settings"]:
-        name = s["name"]
-        robust = gate_robust(s)
-        lo = lookup(th.get("min_clean"), s)
-        if lo is not None and s["clean"]["acc"] < lo:
-            reasons.append(f"{name}: clean accuracy {s['clean']['acc']:.2%} < minimum {lo:.2%}")
-        lo = lookup(th.get("min_robust"), s)
-        if lo is not None and robust < lo:
-            reasons.append(f"{name}: robust accuracy {robust:.2%} < minimum {lo:.2%}")
-        margin = lookup(th.get("margin"), s)
-        bare = s.get("bare_robust") or card.get("bare_robust", {}).get(
-            f"{s.get('threat_model_name', 'paper')}:{s['threat_model']}")
-        if margin is not None:
-            if not bare:
-                reasons.append(f"{name}: no bare-classifier robust accuracy to judge the margin against")
-            else:
-                d_lo, b_hi = gate_robust_interval(s)[0], bare["ci95"][1]
-                if not d_lo > b_hi + margin:
-                    reasons.append(f"{name}: robust accuracy lower bound {d_lo:.2%} is not above the bare "
-                                   f"classifier's upper bound {b_hi:.2%} + margin {margin:.2%} (the purifier "
-                                   f"does not show added robustness)")
-        for f in fail_flags:
-            if s["flags"].get(f, {}).get("raised"):
-                reasons.append(f"{name}: sanity flag {f} raised (value {s['flags'][f]['value']}; see "
-                               f"docs/robustness-flags.md)")
-    checks = card.get("sanity_checks")
-    if not checks:
-        reasons.append("no sanity checks ran (--sanity_n 0)")
-    else:
-        for f in CHECK_FLAGS:
-            if f in fail_flags and (checks.get(f) or {}).get("raised"):
-                reasons.append(f"sanity check {f} raised ({checks[f]['detail']})")
-    req = {**card.get("requirements", {})}
-    probe = {**card, "requirements": req, "git_commit": "clean", "comparison": None}
-    reasons += [f"attack strength: {p}" for p in strength_problems(probe)]  # the commit is export's business
-    comparison = None
-    if baseline is not None:
-        comparison = paired_comparison(card, baseline, float(th.get("alpha", 0.05)), baseline_source)
-        card["comparison"] = comparison
-        reasons += comparison["reasons"]
-    return {"passed": not reasons, "reasons": reasons,
-            "thresholds": {**th, "source": th_source, "fail_on_flags": fail_flags,
-                           "robust_metric": "per-image min over attacks; min with the expected accuracy"}}
-
-
-def paired_comparison(card: dict, baseline: dict, alpha: float, source: Optional[str]) -> dict:
-    """Candidate vs baseline per setting on the same images and seeds: McNemar exact + paired interval."""
-    base = {s["name"]: s for s in baseline.get("settings", [])}
-    out: dict = {"baseline_card": source, "baseline_binding": baseline.get("binding"), "alpha": alpha,
-                 "settings": {}, "reasons": []}
-    for s in card["settings"]:
-        b = base.get(s["name"])
-        if b is None or not b.get("outcomes"):
-            out["reasons"].append(f"{s['name']}: the baseline card has no per-image outcomes for this setting")
-            continue
-        try:
-            res = compare(OutcomeRecord.from_dict(s["outcomes"]), OutcomeRecord.from_dict(b["outcomes"]), alpha)
-        except NotComparableError as e:
-            out["reasons"].append(f"{s['name']}: not comparable with the baseline: {e}")
-            continue
-        d = res.to_dict()
-        d["significantly_better"] = res.verdict == "significantly_better"
-        out["settings"][s["name"]] = d
-        if not res.promotable:
-            out["reasons"].append(f"{s['name']}: significantly worse than the baseline (McNemar p={res.p_value:.3g}, "
-                                  f"difference {res.diff:+.1%} [{res.ci95[0]:+.1%}, {res.ci95[1]:+.1%}])")
-        exp, why = paired_expected(s, b, alpha)
-        d["expected"] = exp
-        if why:
-            out["reasons"].append(f"{s['name']}: {why}")
-            d["promotable"] = False
-    return out
-
-
-def paired_expected(s: dict, b: dict, alpha: float) -> tuple[Optional[dict], Optional[str]]:
-    """The EoT setting's expected accuracy over k purifications, paired per image (a sign-flip test on the
-    per-image fractions: McNemar needs booleans). Returns (result or None, a reason to refuse or None).
-    Only called once compare() has found the two settings on the same images and seeds."""
-    ec, eb = s.get("expected_per_image"), b.get("expected_per_image")
-    if not ec or not eb:
-        return None, None  # a DW-box setting, or a card from before per-image expected scores
-    if ec.get("outcomes_sha256") != s["outcomes"]["sha256"] or eb.get("outcomes_sha256") != b["outcomes"]["sha256"]:
-        return None, "per-image expected scores are not bound to this setting's outcomes (edited card?)"
-    try:
-        kc, kb, hc, hb = int(ec["k"]), int(eb["k"]), [int(h) for h in ec["hits"]], [int(h) for h in eb["hits"]]
-    except (KeyError, TypeError, ValueError) as e:
-        return None, f"malformed per-image expected scores: {e!r}"
-    if len(hc) < 2:
-        return None, None  # nothing to test on one image
-    if kc != kb or len(hc) != len(hb) or kc < 1:
-        return None, (f"expected accuracy not comparable with the baseline: k={kc} over {len(hc)} images "
-                      f"vs k={kb} over {len(hb)}")
-    r = paired_scores([h / kc for h in hc], [h / kb for h in hb])
-    worse = r["p_value"] < alpha and r["diff"] < 0
-    r["verdict"] = ("significantly_worse" if worse else "significantly_better" if r["p_value"] < alpha and r["diff"] > 0
-                    else "not_significantly_different")
-    why = (f"expected accuracy over k={kc} significantly worse than the baseline (sign-flip p="
-           f"{r['p_value']:.3g}, difference {r['diff']:+.1%} [{r['ci95'][0]:+.1%}, {r['ci95'][1]:+.1%}])"
-           if worse else None)
-    return r, why
+def baseline_block(card: dict, baseline: dict, source: Optional[str]) -> dict:
+    """The baseline card's per-image evidence, carried (and signed) in the candidate's card."""
+    if baseline.get("schema") != SCHEMA:
+        raise C.ConfigError(f"--baseline_card {source}: schema {baseline.get('schema')!r} holds no per-image "
+                            f"evidence; measure the deployed version with this gate first (--gate false)")
+    return {"card": source, "version": (baseline.get("model") or {}).get("version"),
+            "purifier_sha256": baseline["model"]["purifier_sha256"],
+            "classifier_sha256": baseline["model"]["classifier_sha256"],
+            "settings": {s["name"]: {"outcomes": s["outcomes"], "expected_per_image": s.get("expected_per_image")}
+                         for s in baseline.get("settings", []) if isinstance(s, dict) and s.get("outcomes")}}
 
 
 def write_outputs(ctx: Ctx, card: dict, m: dict[str, torch.Tensor]) -> None:
@@ -825,7 +677,7 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
     PGD --steps) on ctx's images: the card's figures are converged when the curves are flat. Resumable
     per point (convergence.json, which also keeps the evaluation's configuration: points of another model,
     image count or seed are never mixed in); writes convergence.png."""
-    from .plots import _plt
+    from ..plots import _plt
 
     cfg = ctx.cfg
     out = Path(out or cfg.out_dir)
@@ -884,7 +736,9 @@ def run(cfg: GateConfig) -> int:
     use_deployed(cfg)
     d = distributed.setup(cfg.device)
     try:
-        th, th_source = find_thresholds(cfg, resolve_dirs(cfg)[0]) if cfg.gate else (None, None)
+        policy = load_policy()
+        use_served_purification(cfg)
+        private_key = signing.load_private_key() if cfg.gate else None
         baseline = None
         if cfg.gate and cfg.baseline_card:
             try:
@@ -911,13 +765,22 @@ def run(cfg: GateConfig) -> int:
             randomized = is_randomized(ctx.defense, ctx.x[:4].to(ctx.device),
                                        generator=torch.Generator(device=ctx.device).manual_seed(cfg.seed))
         checks = sanity(ctx, m) if cfg.sanity_n else None
-        card = build_card(ctx, m, randomized, checks, th, time.time() - t0, d.world_size)
-        if cfg.gate:
-            card["gate"] = verdict(card, th, th_source, baseline, repository.relative_path(cfg.baseline_card))
+        card = build_card(ctx, m, randomized, checks, policy, time.time() - t0, d.world_size)
+        if baseline is not None:
+            card["baseline"] = baseline_block(card, baseline, repository.relative_path(cfg.baseline_card))
+        if cfg.gate:  # a cache of the verdict: export and the server recompute it from the evidence
+            card["gate"] = evaluate(card, policy)
+            if private_key is not None:
+                card = signing.sign(card, private_key)
+            else:
+                print(f"warning: {signing.SIGNING_KEY_ENV} is not set: the card is not signed and cannot be "
+                      f"exported", file=sys.stderr)
         else:
-            card["gate"] = {"passed": False, "reasons": ["gate not evaluated (--gate false)"], "thresholds": {}}
+            card["gate"] = {"passed": False, "reasons": ["gate not evaluated (--gate false)"]}
         write_outputs(ctx, card, m)
         print(summary_table(card))
+        if cfg.gate:
+            print("\n".join(summary_lines(card["gate"])))
         print(f"card: {Path(cfg.out_dir) / 'card.json'}")
         if not cfg.gate:
             return EXIT_PASS
