@@ -1,11 +1,15 @@
 """A short summary of a version's robustness card (what the gate measured), read from the model repository.
 
 Read-only and cached per file modification time; a missing or unreadable card gives None, never an error
-(the card is information for the caller, not a condition for serving: Triton itself refuses versions
-whose card did not pass).
+(the card is information for the caller, not a condition for serving). The gate status is the SERVER's
+decision, never the card's own `gate.passed`: Triton loads a version only if its card is signed by a trusted
+gate key and passes the pinned policy when recomputed from its evidence, or if the repository's legacy list
+names that exact card (dbp.repository.check_version). So a served version is "legacy" when the list names
+its card (sha256), "passed" when its card is signed (schema 3), and "unverified" otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -13,6 +17,8 @@ from typing import Any, Optional
 
 log = logging.getLogger("service.cards")
 CARD_FILE = "robustness_card.json"
+LEGACY_FILE = "legacy.json"  # dbp.repository.LEGACY_FILE; tests/service/test_gateway_units.py ties the two
+SIGNED_SCHEMA = "dbp.robustness_card/3"
 
 
 def _num(x: Any) -> Optional[float]:
@@ -25,7 +31,18 @@ def _ci(x: Any) -> Optional[list[float]]:
     return None
 
 
-def summarize(card: dict) -> dict:
+def gate_status(card: dict, legacy: Optional[dict]) -> dict:
+    """What the server decided about a card it serves (see the module docstring)."""
+    if legacy is not None:
+        return {"gate": "legacy", "failed_rules": [str(r) for r in legacy.get("failed_rules") or []],
+                "legacy_expires": legacy.get("expires"), "legacy_approver": legacy.get("approver")}
+    signed = card.get("schema") == SIGNED_SCHEMA and isinstance(card.get("signature"), dict)
+    policy = card.get("policy") if isinstance(card.get("policy"), dict) else {}
+    return {"gate": "passed" if signed else "unverified", "policy_sha256": policy.get("sha256") if signed else None,
+            "signed_by": card["signature"].get("key_id") if signed else None}
+
+
+def summarize(card: dict, legacy: Optional[dict] = None) -> dict:
     clean = ((card.get("clean") or {}).get("purified") or {}) if isinstance(card.get("clean"), dict) else {}
     data = card.get("data") if isinstance(card.get("data"), dict) else {}
     settings = []
@@ -40,8 +57,7 @@ def summarize(card: dict) -> dict:
                          "n": s.get("n") if isinstance(s.get("n"), int) else robust.get("n"),
                          "robust_accuracy": _num(robust.get("acc")), "ci95": _ci(robust.get("ci95")),
                          "expected_robust_accuracy": _num(expected.get("acc"))})
-    gate = card.get("gate") if isinstance(card.get("gate"), dict) else {}
-    return {"gate_passed": gate.get("passed") if isinstance(gate.get("passed"), bool) else None,
+    return {**gate_status(card, legacy),
             "dataset": data.get("dataset"), "n": data.get("n") if isinstance(data.get("n"), int) else None,
             "clean_accuracy": _num(clean.get("acc")), "clean_ci95": _ci(clean.get("ci95")), "settings": settings}
 
@@ -64,10 +80,23 @@ class CardReader:
         if hit and hit[0] == mtime:
             return hit[1]
         try:
-            card = json.loads(path.read_text())
-            summary = summarize(card) if isinstance(card, dict) else None
+            raw = path.read_bytes()
+            card = json.loads(raw)
+            summary = summarize(card, self._legacy(version, hashlib.sha256(raw).hexdigest())) \
+                if isinstance(card, dict) else None
         except (OSError, ValueError) as e:
             log.warning("cannot read %s: %s", path, e)
             summary = None
         self._cache[version] = (mtime, summary)
         return summary
+
+    def _legacy(self, version: int, card_sha256: str) -> Optional[dict]:
+        try:
+            listed = json.loads((self.repository / LEGACY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        for e in listed.get("versions", []) if isinstance(listed, dict) else []:
+            if isinstance(e, dict) and e.get("model") == self.model and str(e.get("version")) == str(version) \
+                    and e.get("card_sha256") == card_sha256:
+                return e
+        return None

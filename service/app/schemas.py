@@ -61,7 +61,16 @@ class RobustAccuracy(BaseModel):
 
 
 class RobustnessSummary(BaseModel):
-    gate_passed: Optional[bool] = Field(None, examples=[True])
+    gate: str = Field("unverified", description="the server's decision on this version's card: 'passed' (signed by "
+                      "a trusted gate key, passes the pinned promotion policy recomputed from its per-image "
+                      "evidence), 'legacy' (served under the repository's legacy list, failing the rules in "
+                      "failed_rules, until legacy_expires), 'unverified' (no card could be read)",
+                      examples=["passed"])
+    failed_rules: Optional[list[str]] = Field(None, description="legacy versions: the rules their card fails")
+    legacy_expires: Optional[str] = Field(None, examples=["2027-01-31"])
+    legacy_approver: Optional[str] = None
+    policy_sha256: Optional[str] = Field(None, description="the promotion policy the card passed")
+    signed_by: Optional[str] = Field(None, description="id of the gate key that signed the card")
     dataset: Optional[str] = Field(None, examples=["fashion_mnist"])
     n: Optional[int] = Field(None, examples=[64])
     clean_accuracy: Optional[float] = Field(None, examples=[0.906])

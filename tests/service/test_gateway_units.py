@@ -63,8 +63,20 @@ def test_card_summary_reads_both_card_schemas():
                         "robust": {"acc": 0.7, "ci95": [0.5, 0.8]}, "worst_case": {"acc": 0.6, "ci95": [0.4, 0.7]},
                         "robust_expected": {"acc": 0.65}}]}
     s = summarize(v2)
-    assert s["gate_passed"] and s["clean_accuracy"] == 0.9 and s["n"] == 64
+    assert s["gate"] == "unverified" and s["clean_accuracy"] == 0.9 and s["n"] == 64  # its passed=True is no proof
     assert s["settings"][0]["robust_accuracy"] == 0.6 and s["settings"][0]["expected_robust_accuracy"] == 0.65
     v1 = {"settings": [{"name": "tiny", "robust": {"acc": 0.5}}, "junk"], "gate": "bad"}
     s1 = summarize(v1)
-    assert s1["settings"][0]["robust_accuracy"] == 0.5 and s1["gate_passed"] is None and len(s1["settings"]) == 1
+    assert s1["settings"][0]["robust_accuracy"] == 0.5 and s1["gate"] == "unverified" and len(s1["settings"]) == 1
+    legacy = summarize(v2, {"failed_rules": ["vs_bare (paper l2 eps=0.5 dwbox)"], "expires": "2027-01-31"})
+    assert legacy["gate"] == "legacy" and legacy["failed_rules"] and "gate_passed" not in legacy
+    signed = summarize({**v2, "schema": "dbp.robustness_card/3", "signature": {"key_id": "k"},
+                        "policy": {"sha256": "p"}})
+    assert signed["gate"] == "passed" and signed["signed_by"] == "k" and signed["policy_sha256"] == "p"
+
+
+def test_the_gateway_names_the_repository_files_as_dbp_does():
+    """The gateway restates two names of dbp.repository (it may not import dbp): keep them tied."""
+    from dbp import repository
+    from service.app import cards
+    assert cards.CARD_FILE == repository.CARD_FILE and cards.LEGACY_FILE == repository.LEGACY_FILE
