@@ -14,7 +14,16 @@ from helpers import export_repo_factory, triton_server_factory  # noqa: F401
 pytest_plugins = ["leak_check"]  # the run fails if it leaves processes or shm regions behind (tests/leak_check.py)
 
 # Two cores and several suites: one thread per test process keeps timings sane and results deterministic.
-torch.set_num_threads(int(os.environ.get("DBP_TEST_THREADS", "1")))
+TEST_THREADS = int(os.environ.get("DBP_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    """The training CLIs the fixtures and tests call set torch's threads for the whole process (--threads 1):
+    put DBP_TEST_THREADS back before every test, so a 2-thread run really runs its tests on 2 threads."""
+    torch.set_num_threads(TEST_THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")
