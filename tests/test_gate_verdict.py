@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from dbp.gate import policy as P
-from dbp.gate.verdict import SCHEMA, evaluate, find_setting
+from dbp.gate.verdict import evaluate, find_setting
 from dbp.paired import OutcomeRecord
 from helpers import synthetic_card
 
@@ -184,7 +184,3 @@ def test_the_shipped_policy_meets_the_floor_and_a_weaker_one_does_not():
         weaker[edit[0]][edit[1]] = edit[2]
         assert any(words in p for p in P.floor_problems(weaker)), (edit, P.floor_problems(weaker))
     assert not P.floor_problems(raw)
-
-
-def test_schema_constant_is_the_cards(good):
-    assert good["schema"] == SCHEMA

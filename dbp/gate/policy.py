@@ -99,14 +99,5 @@ def floor_problems(p: Any) -> list[str]:
     return out
 
 
-def settings_of(policy: Mapping) -> list[tuple[str, str, str, float]]:
-    """(threat model, norm, mode, eps) of every setting a card must hold, declared first."""
-    out = []
-    for tm in [*policy["declared"]["threat_models"], *policy.get("reported", {}).get("threat_models", [])]:
-        for norm, (eps, _) in THREAT_MODELS[tm].items():
-            out += [(tm, norm, md, eps) for md in MODES]
-    return out
-
-
 def is_declared(policy: Mapping, threat_model: str) -> bool:
     return threat_model in policy["declared"]["threat_models"]

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,7 +43,7 @@ from ..data import DatasetError, load_dataset
 from ..models import Defense, Purifier, load_classifier, load_unet
 from ..paired import OutcomeRecord
 from ..plots import image_grid
-from ..robustness import (FLAG_NAMES, expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
+from ..robustness import (expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
                          summarize, worst_case)
 from ..runtime import git_commit
 from . import signing
@@ -624,7 +624,7 @@ def setting_key(cfg: GateConfig, s: Setting, pur) -> str:
             f"apgd={cfg.apgd} {pur.sampler} t*={pur.t_star} N={pur.num_inference_steps}")
 
 
-def baseline_block(card: dict, baseline: dict, source: Optional[str]) -> dict:
+def baseline_block(baseline: dict, source: Optional[str]) -> dict:
     """The baseline card's per-image evidence, carried (and signed) in the candidate's card."""
     if baseline.get("schema") != SCHEMA:
         raise C.ConfigError(f"--baseline_card {source}: schema {baseline.get('schema')!r} holds no per-image "
@@ -767,7 +767,7 @@ def run(cfg: GateConfig) -> int:
         checks = sanity(ctx, m) if cfg.sanity_n else None
         card = build_card(ctx, m, randomized, checks, policy, time.time() - t0, d.world_size)
         if baseline is not None:
-            card["baseline"] = baseline_block(card, baseline, repository.relative_path(cfg.baseline_card))
+            card["baseline"] = baseline_block(baseline, repository.relative_path(cfg.baseline_card))
         if cfg.gate:  # a cache of the verdict: export and the server recompute it from the evidence
             card["gate"] = evaluate(card, policy)
             if private_key is not None:

@@ -24,7 +24,7 @@ Diagnostics, printed and never a reason: attack_ineffective (robust inside the c
 not a broken attack), robust_above_clean, bare_not_collapsed, zero_gradients, eot_gradient_inconsistent.
 
   v = evaluate(card, load_policy())       # {"passed", "reasons", "rules", "diagnostics"}
-  verify(card, weights=..., baseline_sha256=...)   # signature + policy + evidence; raises VerdictError
+  verify(card)                            # signature, then evaluate; raises VerdictError
 """
 from __future__ import annotations
 
@@ -260,7 +260,8 @@ class _Judge:
             best = adjusted[0]
             self.rule("baseline", "superiority (Holm, declared settings)", best[0] < alpha,
                       f"smallest Holm-adjusted one-sided p {best[0]:.3g} ({best[1]}); needs < {alpha}")
-        return {"version": base.get("version"), "card_sha256": base.get("card_sha256")}
+        return {"version": base.get("version"), "purifier_sha256": base.get("purifier_sha256"),
+                "classifier_sha256": base.get("classifier_sha256")}
 
 
 def evaluate(card: Mapping, policy: Optional[Mapping] = None) -> dict:
@@ -292,10 +293,9 @@ def evaluate(card: Mapping, policy: Optional[Mapping] = None) -> dict:
             "policy_sha256": policy["sha256"], "baseline": base}
 
 
-def verify(card: Mapping, *, baseline_card_sha256: Optional[str] = None, require_baseline: bool = False,
-           policy: Optional[Mapping] = None, keys=None) -> dict:
-    """Signature (trusted key, exact content), then `evaluate`; with `require_baseline` the card's baseline must be
-    the card whose file sha256 is `baseline_card_sha256` (the deployed version's). Raises VerdictError."""
+def verify(card: Mapping, *, policy: Optional[Mapping] = None, keys=None) -> dict:
+    """Signature (trusted key, exact content), then `evaluate`. Raises VerdictError with every reason.
+    Whether the baseline is the deployed version is the caller's question (dbp.card.card_passes_for)."""
     from .signing import SignatureError, verify as verify_signature
 
     try:
@@ -303,11 +303,6 @@ def verify(card: Mapping, *, baseline_card_sha256: Optional[str] = None, require
     except SignatureError as e:
         raise VerdictError(f"signature: {e}") from None
     v = evaluate(card, policy)
-    base = card.get("baseline") if isinstance(card.get("baseline"), Mapping) else None
-    if require_baseline and (base is None or base.get("card_sha256") != baseline_card_sha256):
-        v["reasons"].append(f"baseline: the card was not compared with the deployed version's card "
-                            f"(sha256 {str(baseline_card_sha256)[:12]}...); re-run the gate, which takes it as baseline")
-        v["passed"] = False
     if not v["passed"]:
         raise VerdictError("the card does not pass under the pinned policy: " + "; ".join(v["reasons"]), v["reasons"])
     v["signed_by"] = key

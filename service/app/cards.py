@@ -66,14 +66,15 @@ class CardReader:
     def __init__(self, repository: Optional[Path], purifier_model: str):
         self.repository = repository
         self.model = purifier_model
-        self._cache: dict[int, tuple[float, Optional[dict]]] = {}
+        # keyed by the card's and the legacy list's modification times: either one changes the summary
+        self._cache: dict[int, tuple[tuple[float, float], Optional[dict]]] = {}
 
     def summary(self, version: int) -> Optional[dict]:
         if self.repository is None:
             return None
         path = self.repository / self.model / str(version) / CARD_FILE
         try:
-            mtime = path.stat().st_mtime
+            mtime = (path.stat().st_mtime, self._mtime(self.repository / LEGACY_FILE))
         except OSError:
             return None
         hit = self._cache.get(version)
@@ -100,3 +101,10 @@ class CardReader:
                     and e.get("card_sha256") == card_sha256:
                 return e
         return None
+
+    @staticmethod
+    def _mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0

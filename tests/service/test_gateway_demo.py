@@ -34,12 +34,18 @@ def not_blank(png: bytes) -> None:
     assert a.std() > 10 and len(np.unique(a.reshape(-1, 3), axis=0)) > 50, "screenshot looks blank"
 
 
-def test_demo_page_upload_shows_prediction_and_purified_image(browser, gateway, tmp_path):
+def open_demo(browser, url: str):
+    """(a sample image, the demo page opened at url, the list its JavaScript errors are collected in)"""
     sample = sorted((ROOT / "service" / "app" / "static" / "samples").glob("*.png"))[0]
     page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors = []
+    errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(gateway.url + "/")
+    page.goto(url + "/")
+    return sample, page, errors
+
+
+def test_demo_page_upload_shows_prediction_and_purified_image(browser, gateway, tmp_path):
+    sample, page, errors = open_demo(browser, gateway.url)
     assert page.get_attribute("body", "data-client-seed") == "true"
     page.wait_for_selector("#samples img")  # the page offers its test images
     assert page.locator("#samples img").count() >= 3
@@ -85,11 +91,7 @@ def test_demo_page_upload_shows_prediction_and_purified_image(browser, gateway, 
 def test_demo_page_works_where_client_seeds_are_refused(browser, seedless_gateway):
     """The page sends no seed to a gateway that refuses them (it would get 422) and says the two calls are
     separate draws."""
-    sample = sorted((ROOT / "service" / "app" / "static" / "samples").glob("*.png"))[0]
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(seedless_gateway.url + "/")
+    sample, page, errors = open_demo(browser, seedless_gateway.url)
     assert page.get_attribute("body", "data-client-seed") == "false"
     assert not page.is_visible("#seed")
     page.set_input_files("#file", str(sample))

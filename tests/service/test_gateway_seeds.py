@@ -151,7 +151,7 @@ def test_a_seed_repeats_on_one_deployment_and_not_across_secrets(keyed, triton):
 
 
 def test_classify_repeats_per_image_and_reports_client_seeds(keyed):
-    (p0, x0), (p1, _) = model_sized_png(30), model_sized_png(31)
+    (p0, _), (p1, _) = model_sized_png(30), model_sized_png(31)
     files = [("images", ("0.png", p0, "image/png")), ("images", ("1.png", p1, "image/png"))]
     with keyed["a"].client() as c:
         one = c.post("/classify", params={"seed": SEED, "votes": 3}, files=files).json()
