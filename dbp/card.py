@@ -94,6 +94,11 @@ def card_passes_for(card: Mapping[str, Any] | str | Path, weights: Mapping[str, 
         v = verify(card)
     except VerdictError as e:
         return False, str(e)
+    attacked = (card.get("served_votes") or {}).get("max") if isinstance(card.get("served_votes"), Mapping) else None
+    served_votes = int((purification or {}).get("max_votes") or 1)
+    if served_votes > 1 and not (isinstance(attacked, int) and attacked >= served_votes):
+        return False, (f"the server allows up to {served_votes} VOTES but the card attacked at most {attacked}: "
+                       f"gate it with --votes {served_votes}, or lower max_votes in config.pbtxt")
     if baseline is not None:
         b = card.get("baseline") if isinstance(card.get("baseline"), Mapping) else {}
         if any(b.get(k) != baseline.get(k) for k in ("purifier_sha256", "classifier_sha256")):

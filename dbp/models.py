@@ -1,6 +1,7 @@
 """Composed modules (purifier, defence) and loading them from checkpoints."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,46 @@ class Defense(nn.Module):
     def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.classifier(self.purifier(x01, noise=noise, generator=generator))
+
+
+class _Votes(nn.Module):
+    """A purifier that purifies each image `votes` times (image-major rows, as the served VOTES input)."""
+
+    def __init__(self, purifier: Purifier, votes: int):
+        super().__init__()
+        self.base, self.votes = purifier, votes
+
+    def sample_noise(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> PurifyNoise:
+        return self.base.sample_noise(x01.repeat_interleave(self.votes, 0), generator)
+
+    def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.base(x01.repeat_interleave(self.votes, 0), noise=noise, generator=generator)
+
+
+class VotedDefense(Defense):
+    """The served defence at `votes` > 1: k purifications per image, the class probabilities averaged.
+
+    forward returns log of the mean softmax over the k votes, so an attack's cross-entropy differentiates the
+    averaged probabilities the server returns (PROBS). The served decision is the majority of the k labels
+    (`vote_logits` + dbp.serving.contract.aggregate_votes); the attack's objective is the averaged one.
+    """
+
+    def __init__(self, defense: Defense, votes: int):
+        if votes < 1:
+            raise ValueError(f"votes must be >= 1, got {votes}")
+        super().__init__(_Votes(defense.purifier, votes), defense.classifier)
+        self.votes = votes
+
+    def vote_logits(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B*votes, n] logits, image-major (the layout aggregate_votes reads)."""
+        return self.classifier(self.purifier(x01, noise=noise, generator=generator))
+
+    def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        logp = self.vote_logits(x01, noise, generator).log_softmax(1)
+        return logp.view(len(x01), self.votes, -1).logsumexp(1) - math.log(self.votes)
 
 
 def load_unet(path: str | Path, which: str = "ema", device="cpu") -> EpsNet:

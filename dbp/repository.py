@@ -124,9 +124,10 @@ def set_parameter(config: str | Path, key: str, value: Any) -> None:
 # ---- what the server accepts --------------------------------------------------------------------
 
 def purification_settings(repo: str | Path) -> dict[str, Any]:
-    """The purifier's served settings (t_star, sampler, num_inference_steps) from its config.pbtxt."""
+    """The purifier's served settings (t_star, sampler, num_inference_steps, max_votes) from its config.pbtxt."""
     params = read_parameters(model_dir(repo, "purifier") / CONFIG_FILE)["parameters"]
-    return {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps") if k in params}
+    return {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps", "max_votes")
+            if k in params}
 
 
 def check_version(version: str | Path, role: str, purification: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:

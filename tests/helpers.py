@@ -54,15 +54,17 @@ def _bits(n: int, ones: int) -> list[int]:
 def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, purification: dict | None = None,
                    steps: int = 20, eot: int = 10, n: dict | None = None, modes=("dwbox", "eot"),
                    threat_models=("paper", "fashion"), expected: bool = True, sign: bool = True,
-                   robust: float = 0.7, bare: float = 0.05, clean: float = 0.9, baseline: str | dict | None = "self"
-                   ) -> dict:
+                   robust: float = 0.7, bare: float = 0.05, clean: float = 0.9, baseline: str | dict | None = "self",
+                   votes: int = 16, voted_robust: float | None = None) -> dict:
     """A schema-3 card bound to these weights, meta.json and purification settings, with per-image evidence
     and signed by the session's test key (no gate run: for export/serving tests). The defaults pass the pinned
     policy (dbp/gate/promotion_policy.json): the paper's budgets in both modes and Fashion l_inf 0.1 in DW-box,
     PGD-20, EoT-10 with k=10 hits per image, n 256/64, robust 70% vs a bare classifier's 5%, clean 90%, the
     sanity checks' outcomes. The keywords make it fall short on purpose (passed=False: robust equals bare).
     baseline="self": compared with a version holding these same weights that scored 10 points less (so the card
-    also exports on top of a version of the same weights, as the drills' re-exports do); None: no baseline."""
+    also exports on top of a version of the same weights, as the drills' re-exports do); None: no baseline.
+    votes: the served maximum VOTES attacked (the repositories' config.pbtxt serve 16), its rows at
+    voted_robust (default: robust) on the EoT images."""
     from dbp.gate import signing
     from dbp.gate.policy import load_policy
     from dbp.paired import OutcomeRecord
@@ -96,7 +98,20 @@ def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, pur
                                            dataset="fashion_mnist", split="test", setting=name)
                 base_settings[name] = {"outcomes": brec.to_dict(), "expected_per_image": {
                     "k": 10, "hits": [10 if o else 0 for o in brec.outcomes], "outcomes_sha256": brec.sha256}}
+    voted_robust = robust if voted_robust is None else voted_robust
+    rows = []
+    for norm, (eps, step) in THREAT_MODELS["paper"].items():
+        k = n["eot"]
+        rec = OutcomeRecord.build(_bits(k, round(voted_robust * k)), indices=range(k), seeds=9,
+                                  dataset="fashion_mnist", split="test", setting=f"{norm}-voted")
+        rows.append({"name": f"{norm}-eot-votes{votes}", "threat_model_name": "paper", "threat_model": norm,
+                     "eps": eps, "step": step, "votes": votes, "n": k,
+                     "attack": {"algorithm": "PGD", "steps": steps, "eot": -(-eot // votes)},
+                     "robust": {"acc": rec.accuracy, "ci95": [0.0, 1.0], "n": k}, "outcomes": rec.to_dict(),
+                     "bare_outcomes": _bits(k, round(bare * k))})
     card = {"schema": SCHEMA,
+            "served_votes": {"default": 1, "max": votes, "attacked": sorted({1, votes}),
+                             "rows": rows if votes > 1 else []},
             "policy": {"file": "dbp/gate/promotion_policy.json", "sha256": load_policy()["sha256"]},
             "model": {"purifier_sha256": weights_sha256(purifier), "classifier_sha256": weights_sha256(classifier),
                       "purifier_meta_sha256": meta_sha256(purifier), "classifier_meta_sha256": meta_sha256(classifier),

@@ -61,7 +61,7 @@ def test_a_purifier_well_above_the_bare_classifier_passes(good):
 def test_an_identity_purifier_is_rejected(make):
     """The bare classifier behind an identity 'purifier': robust = bare on every image."""
     v = evaluate(make(robust=0.05, bare=0.05))
-    assert failed(v) == {"vs_bare"}
+    assert failed(v) == {"vs_bare", "served_votes"}  # the voted defence is as weak
     assert sum(not r["passed"] for r in v["rules"] if r["rule"] == "vs_bare") == 4  # both norms, both modes
 
 
@@ -184,3 +184,38 @@ def test_the_shipped_policy_meets_the_floor_and_a_weaker_one_does_not():
         weaker[edit[0]][edit[1]] = edit[2]
         assert any(words in p for p in P.floor_problems(weaker)), (edit, P.floor_problems(weaker))
     assert not P.floor_problems(raw)
+
+
+def test_the_served_maximum_votes_must_be_attacked(make):
+    """Issue 20: the server lets a client ask for up to max_votes purifications per image, so the card must hold
+    that defence attacked (on the declared threat models, >= 10 purifications per step). Mutation-checked
+    (2026-12-06): without `_Judge.served_votes` each of these cards passes."""
+    assert evaluate(make(votes=16))["passed"]
+    assert evaluate(make(votes=1))["passed"]  # one vote served: the EoT rows are the served setting
+    card = make(votes=16)
+    del card["served_votes"]
+    assert failed(evaluate(card)) == {"served_votes"}
+    card = make(votes=16)
+    card["served_votes"]["rows"] = card["served_votes"]["rows"][:1]  # l_2 not attacked with votes
+    assert "the served maximum VOTES was not attacked" in " ".join(evaluate(card)["reasons"])
+    v = evaluate(make(votes=16, voted_robust=0.05))  # the voted defence is no better than the bare classifier
+    assert failed(v) == {"served_votes"} and "does not beat the bare classifier" in " ".join(v["reasons"])
+    card = make(votes=4)
+    for r in card["served_votes"]["rows"]:
+        r["attack"]["eot"] = 1  # 4 purifications per gradient step: weaker than the EoT rows' 10
+    assert "4 purifications per step < 10" in " ".join(evaluate(card)["reasons"])
+    card = make(votes=16)
+    card["served_votes"]["rows"][0]["robust"]["acc"] = 0.99
+    assert "shown robust accuracy is not its outcomes'" in " ".join(evaluate(card)["reasons"])
+
+
+def test_the_server_refuses_more_votes_than_the_card_attacked(tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    from dbp.card import card_passes_for
+    from helpers import DEFAULT_PURIFICATION
+
+    weights = {"purifier": tiny_diffusion_ckpt, "classifier": tiny_classifier_ckpt}
+    card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, votes=4)
+    served = {**DEFAULT_PURIFICATION, "max_votes": "16"}
+    ok, why = card_passes_for(card, weights, served)
+    assert not ok and "allows up to 16 VOTES but the card attacked at most 4" in why
+    assert card_passes_for(card, weights, {**served, "max_votes": "4"})[0]

@@ -22,6 +22,7 @@ gate measures what is served.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,12 +41,13 @@ from ..attacks import NORMS, AttackConfig, build_attack
 from ..card import CardError, binding_sha256, load_card, meta_sha256, plot_card, write_card
 from ..checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
 from ..data import DatasetError, load_dataset
-from ..models import Defense, Purifier, load_classifier, load_unet
+from ..models import Defense, Purifier, VotedDefense, load_classifier, load_unet
 from ..paired import OutcomeRecord
 from ..plots import image_grid
 from ..robustness import (expected_correct, is_randomized, mean_interval, sanity_flags, single_shot,
                          summarize, worst_case)
 from ..runtime import git_commit
+from ..serving.contract import aggregate_votes
 from . import signing
 from .policy import MODES, THREAT_MODELS, load_policy
 from .verdict import SCHEMA, evaluate, summary_lines
@@ -71,6 +73,9 @@ class GateConfig:
     sampler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     t_star: Optional[int] = None
+    # the served maximum VOTES (purifier config.pbtxt max_votes), attacked as well: EoT on the averaged
+    # probabilities of the votes, outcome the majority label (issue 20); 1 = the EoT rows are the served setting
+    votes: Optional[int] = None
     steps: int = 20  # PGD iterations
     eot: int = 10  # EoT samples per step in the stochastic setting
     eot_batched: bool = True
@@ -142,6 +147,24 @@ def stream_of(s: Setting) -> int:
     return 10 * (1 + keys.index((s.threat_model, s.norm, s.mode)))
 
 
+def voted_stream(s: Setting) -> int:
+    """The voted attack's stream (after every setting's): attack +0, majority evaluation +1."""
+    return 10 * (1 + len(THREAT_MODELS) * len(NORMS) * len(MODES)) + stream_of(s)
+
+
+def voted_settings(cfg: GateConfig) -> list[Setting]:
+    """The EoT settings of the declared threat models: where the served maximum VOTES is attacked too."""
+    if not cfg.votes or cfg.votes < 2:
+        return []
+    declared = load_policy()["declared"]["threat_models"]
+    return [s for s in all_settings(cfg) if s.mode == "eot" and s.threat_model in declared]
+
+
+def voted_eot(cfg: GateConfig) -> int:
+    """Draws of the k votes per step: at least cfg.eot purifications per gradient, as the EoT rows."""
+    return max(1, -(-cfg.eot // cfg.votes))
+
+
 # ---- set-up ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -198,6 +221,10 @@ def validate(cfg: GateConfig) -> None:
                      ("max_batches", 0), ("grid_n", 0), ("sanity_n", 0)):
         if getattr(cfg, name) < lo:
             raise C.ConfigError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if cfg.votes is not None and cfg.votes < 1:
+        raise C.ConfigError(f"--votes must be >= 1, got {cfg.votes}")
+    if cfg.votes and cfg.votes > 1 and not cfg.eot_batched:
+        raise C.ConfigError("--votes > 1 needs --eot_batched true (the votes are rows of one batched call)")
     if cfg.n_images_eot is not None and cfg.n_images_eot < 1:
         raise C.ConfigError(f"--n_images_eot must be >= 1, got {cfg.n_images_eot}")
 
@@ -218,6 +245,9 @@ def use_deployed(cfg: GateConfig) -> None:
 def use_served_purification(cfg: GateConfig) -> None:
     """Fill sampler / t* / N that were not given from the repository's purifier config: gate what is served."""
     if cfg.sampler is not None and cfg.t_star is not None and cfg.num_inference_steps is not None:
+        # an experiment's own settings: one vote unless --votes says otherwise (export and the server refuse a
+        # card that attacked fewer VOTES than the repository serves)
+        cfg.votes = 1 if cfg.votes is None else cfg.votes
         return
     repo = cfg.repository or repository.default_repository()
     try:
@@ -229,6 +259,8 @@ def use_served_purification(cfg: GateConfig) -> None:
     cfg.t_star = cfg.t_star if cfg.t_star is not None else int(served["t_star"])
     if cfg.num_inference_steps is None:
         cfg.num_inference_steps = int(served["num_inference_steps"])
+    if cfg.votes is None:
+        cfg.votes = int(served.get("max_votes", 1))
 
 
 def resolve_dirs(cfg: GateConfig) -> tuple[Path, Path]:
@@ -316,8 +348,16 @@ def batch_seed(cfg: GateConfig, batch: int, stream: int) -> int:
     return cfg.seed * 1_000_003 + batch * 1009 + stream
 
 
-def generator(ctx: Ctx, batch: int, stream: int) -> torch.Generator:
-    return torch.Generator(device=ctx.device).manual_seed(batch_seed(ctx.cfg, batch, stream))
+def generator(ctx: Ctx, batch: int, stream: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator(device=ctx.device).manual_seed(batch_seed(ctx.cfg, batch, stream) + salt)
+
+
+def eval_salt(ctx: Ctx) -> int:
+    """Added to the seed of single-shot evaluations under fresh noise (not to the attack's, nor to the expected
+    accuracy's draws, which two cards share to be paired): two fine-tunes of one start, measured with one seed,
+    would otherwise be judged on the very same draw per image."""
+    import hashlib
+    return int(hashlib.sha256(str(ctx.sha["purifier"]).encode()).hexdigest()[:8], 16)
 
 
 def attack_config(cfg: GateConfig, s: Setting, algorithm: str = "pgd", loss: str = "ce") -> AttackConfig:
@@ -368,7 +408,8 @@ def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
                 # the same images under fresh noise: the setting the server runs
                 out[f"{k}/{name}-fresh"] = single_shot(defense, res.x_adv, ys, generator=generator(ctx, b, stream + 4))
             else:
-                out[f"{k}/{name}"] = single_shot(defense, res.x_adv, ys, generator=generator(ctx, b, stream + 1))
+                out[f"{k}/{name}"] = single_shot(defense, res.x_adv, ys,
+                                                 generator=generator(ctx, b, stream + 1, eval_salt(ctx)))
                 if cfg.k and j == 0:
                     out[f"{k}/robust_expected"] = expected_correct(defense, res.x_adv, ys, cfg.k,
                                                                    generator=generator(ctx, b, stream + 2),
@@ -384,9 +425,26 @@ def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
                                                                      generator=generator(ctx, b, stream + 3))
         if s.mode == "eot" and s.group in dw_adv:  # DW-box adversarials against the served setting
             out[f"{k}/dwbox-transfer"] = single_shot(defense, dw_adv[s.group][:n_eot], ys,
-                                                     generator=generator(ctx, b, stream + 1))
+                                                     generator=generator(ctx, b, stream + 1, eval_salt(ctx)))
+    if n_eot and voted_settings(cfg):
+        voted = VotedDefense(defense, cfg.votes)
+        xs, ys = x[:n_eot], y[:n_eot]
+        out[f"clean_voted{cfg.votes}"] = majority_correct(voted, xs, ys, generator(ctx, b, 4, eval_salt(ctx)))
+        for s in voted_settings(cfg):
+            acfg = dataclasses.replace(attack_config(cfg, s), eot=voted_eot(cfg))
+            res = build_attack(voted, acfg)(xs, ys, generator=generator(ctx, b, voted_stream(s)))
+            k = f"{s.name}/voted{cfg.votes}"
+            out[k] = majority_correct(voted, res.x_adv, ys, generator(ctx, b, voted_stream(s) + 1, eval_salt(ctx)))
+            out[f"{k}/loss"] = res.loss
     out["time_s"] = torch.tensor([time.time() - t0], dtype=torch.float64)
     return {k: (v.float() if v.dtype == torch.bool else v).detach().cpu().contiguous() for k, v in out.items()}
+
+
+@torch.inference_mode()
+def majority_correct(voted: VotedDefense, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """[B] bool: the served decision (the majority of the k votes, served tie-break) is the label."""
+    label = aggregate_votes(voted.vote_logits(x, generator=gen).float().cpu().numpy(), voted.votes)["LABEL"][:, 0]
+    return torch.from_numpy(label).to(y.device) == y
 
 
 def batch_file(ctx: Ctx, b: int) -> Path:
@@ -562,9 +620,11 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
                              zero_grad_frac=float(m[f"{k}/zero_grad"].mean()), randomized=randomized, mode=s.mode,
                              eot=atk.eot, bare_robust_acc=bare["acc"])
         flags["attack_ineffective"] = attack_ineffective(clean_c, worst.correct, m[f"{k}/loss"]).to_dict()
+        declared = s.threat_model in policy["declared"]["threat_models"]
         settings.append({
             "name": k, "threat_model_name": s.threat_model, "threat_model": s.norm, "eps": s.eps, "step": s.step,
-            "mode": s.mode,
+            "mode": s.mode, "declared": declared, "votes": 1,
+            "claim": CLAIM_DECLARED if declared else CLAIM_REPORTED,
             "setting": "DW-box (noise fixed per batch)" if s.mode == "dwbox"
                        else "stochastic white-box (EoT, fresh noise per sample), the served setting",
             "attack": {"algorithm": "PGD", "steps": atk.steps, "eot": atk.eot, "eot_batched": atk.eot_batched,
@@ -588,6 +648,10 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
             "loss_trajectory": [float(v) for v in m[f"{k}/loss"].mean(0)],
             "flags": flags,
         })
+        if s.mode == "eot":
+            settings[-1]["evaluation_noise"] = ("single-shot rows: the attack's seed + 1 + a salt from the "
+                                                f"purifier's sha256 ({eval_salt(ctx)}); expected "
+                                                "accuracy: the attack's seed + 2, shared with the baseline")
     card = {
         "schema": SCHEMA,
         "model": {"purifier": repository.relative_path(ctx.purifier_dir),
@@ -606,6 +670,7 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
         "randomized": randomized,
         "policy": {"file": "dbp/gate/promotion_policy.json", "sha256": policy["sha256"]},
         "clean": clean, "bare_robust": bare_robust, "settings": settings, "sanity_checks": checks,
+        "served_votes": served_votes_block(ctx, m),
         "git_commit": git_commit(), "wall_time_s": round(wall, 1),
         "compute_time_s": round(float(m["time_s"]), 1), "world_size": world, "device": str(ctx.device),
         "torch": torch.__version__,
@@ -616,6 +681,39 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
             card["config"][key] = repository.relative_path(card["config"][key])
     card["binding"] = binding_sha256(card)
     return card
+
+
+CLAIM_DECLARED = "declared threat model: the defence is claimed and judged here"
+CLAIM_REPORTED = "reported: not defended at this budget (measured and shown, judged by non-inferiority only)"
+
+
+def served_votes_block(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict:
+    """Which VOTES were attacked: the default (1: the EoT rows) and the served maximum, per declared norm."""
+    cfg, v = ctx.cfg, ctx.cfg.votes or 1
+    block = {"default": 1, "max": v, "attacked": sorted({1, v}), "rows": []}
+    if f"clean_voted{v}" in m:
+        block["clean"] = summarize(m[f"clean_voted{v}"], f"majority of {v} fresh purifications")
+    for s in voted_settings(cfg):
+        k = f"{s.name}/voted{v}"
+        if k not in m:
+            continue
+        n = len(m[k])
+        rec = OutcomeRecord.build(m[k], indices=m["index"][:n].tolist(),
+                                  seeds=[batch_seed(cfg, b, voted_stream(s)) for b, lo, hi in ctx.batches()
+                                         for _ in range(lo, hi)][:n],
+                                  dataset=ctx.dataset, split="test", setting=setting_key(cfg, s, ctx.defense.purifier)
+                                  + f" votes={v} draws={voted_eot(cfg)}")
+        block["rows"].append({
+            "name": f"{s.name}-votes{v}", "threat_model_name": s.threat_model, "threat_model": s.norm, "eps": s.eps,
+            "step": s.step, "votes": v, "n": n, "mode": "eot", "declared": True, "claim": CLAIM_DECLARED,
+            "attack": {"algorithm": "PGD", "steps": cfg.steps, "eot": voted_eot(cfg), "keep": cfg.keep,
+                       "loss": f"cross-entropy of the mean softmax over the {v} votes (the served PROBS)",
+                       "outcome": f"the majority of {v} fresh votes (the served LABEL, served tie-break)"},
+            "robust": summarize(m[k], f"majority of {v} fresh purifications of x_adv"),
+            "outcomes": rec.to_dict(),
+            "bare_outcomes": [int(b) for b in m[f"bare_robust/{s.group}"][:n].tolist()],
+            "loss_trajectory": [float(x) for x in m[f"{k}/loss"].mean(0)]})
+    return block
 
 
 def setting_key(cfg: GateConfig, s: Setting, pur) -> str:
@@ -666,6 +764,10 @@ def summary_table(card: dict) -> str:
         raised = [k for k, v in s["flags"].items() if v["raised"]]
         lines.append(f"{s['name']:>18}: n={s['n']} clean {s['clean']['acc']:.1%}  robust {w['acc']:.1%} "
                      f"[{lo:.1%}, {hi:.1%}]{exp}" + (f"  flags: {', '.join(raised)}" if raised else ""))
+    for r in (card.get("served_votes") or {}).get("rows", []):
+        lo, hi = r["robust"]["ci95"]
+        lines.append(f"{r['name']:>18}: n={r['n']} robust {r['robust']['acc']:.1%} [{lo:.1%}, {hi:.1%}] "
+                     f"(majority of {r['votes']} votes)")
     return "\n".join(lines)
 
 

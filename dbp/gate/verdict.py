@@ -17,6 +17,9 @@ Rules (docs: README "Promotion policy"; thresholds from dbp/gate/promotion_polic
   collapse     l_inf large_budget.eps leaves <= max_acc (else gradients are masked)
   transfer     images attacked on the bare classifier do not beat the white-box attack on the defence
   provenance   measured from a clean commit (the card records it)
+  served_votes the served maximum VOTES attacked as well, on each declared threat model (EoT on the averaged
+               probabilities, outcome the majority label; >= min_eot purifications per step, n >= min_n.eot),
+               evidence intact, and it beats the bare classifier as the vs_bare rule demands
   baseline     against the deployed version, same images and seeds: every setting non-inferior (paired lower
                bound > -margin; EoT on per-image expected accuracy) and, Holm-adjusted, one declared setting
                significantly better
@@ -170,6 +173,57 @@ class _Judge:
         return {"where": where, "declared": is_declared(self.policy, tm), "record": rec, "hits": hits,
                 "k": int(exp["k"]) if exp else None, "name": s.get("name")}
 
+    def served_votes(self) -> None:
+        p, sv = self.policy, self.card.get("served_votes")
+        if not isinstance(sv, Mapping) or not isinstance(sv.get("max"), int) or sv["max"] < 1:
+            self.rule("served_votes", "card", False, "no served_votes block (which VOTES were attacked)")
+            return
+        vmax = sv["max"]
+        if vmax == 1:
+            self.rule("served_votes", "card", True, "the served maximum is 1 vote: the EoT rows are the served setting")
+            return
+        rows = [r for r in sv.get("rows") or [] if isinstance(r, Mapping)]
+        for tm in p["declared"]["threat_models"]:
+            for norm, (eps, _) in THREAT_MODELS[tm].items():
+                where = f"{tm} {norm} eps={eps:.4g} votes={vmax}"
+                r = next((r for r in rows if r.get("threat_model_name") == tm and r.get("threat_model") == norm
+                          and r.get("votes") == vmax), None)
+                if not self.rule("served_votes", where, r is not None,
+                                 "measured" if r else "the served maximum VOTES was not attacked"):
+                    continue
+                atk = r.get("attack") if isinstance(r.get("attack"), Mapping) else {}
+                n = r.get("n") if isinstance(r.get("n"), int) else 0
+                per_step = int(atk.get("eot") or 0) * vmax
+                problems = []
+                if not _same(r.get("eps"), eps):
+                    problems.append(f"eps {r.get('eps')} is not the threat model's {eps:.6g}")
+                if int(atk.get("steps") or 0) < p["attack"]["min_steps"]:
+                    problems.append(f"PGD-{atk.get('steps')} < {p['attack']['min_steps']} steps")
+                if per_step < p["attack"]["min_eot"]:
+                    problems.append(f"{per_step} purifications per step < {p['attack']['min_eot']}")
+                if n < p["min_n"]["eot"]:
+                    problems.append(f"n={n} < {p['min_n']['eot']}")
+                try:
+                    rec = OutcomeRecord.from_dict(r["outcomes"])
+                    data = self.card.get("data") or {}
+                    if len(rec) != n or list(rec.indices) != list(data.get("indices") or [])[:n]:
+                        raise ValueError("the outcomes are not on the card's images")
+                    bare = _bits(r.get("bare_outcomes"), n, "bare_outcomes")
+                    if not _same((r.get("robust") or {}).get("acc"), _acc(rec.outcomes)):
+                        raise ValueError("shown robust accuracy is not its outcomes'")
+                except (KeyError, TypeError, ValueError) as e:
+                    problems.append(f"evidence: {e}")
+                    self.rule("served_votes", where, False, "; ".join(problems))
+                    continue
+                t = PairedTable.from_outcomes(rec.outcomes, bare)
+                p1, (lo_d, hi_d), vb = mcnemar_one_sided(t.b, t.c), newcombe_interval(t), p["vs_bare"]
+                robust = _acc(rec.outcomes)
+                if not (p1 < vb["alpha"] and lo_d >= vb["min_lower_bound"]):
+                    problems.append("does not beat the bare classifier as vs_bare demands")
+                self.rule("served_votes", where, not problems, "; ".join(problems + [
+                    f"voted defence {robust:.1%} vs bare {_acc(bare):.1%} [{lo_d:+.1%}, {hi_d:+.1%}], p={p1:.3g}; "
+                    f"PGD-{atk.get('steps')}, {atk.get('eot')} draw(s) x {vmax} votes per step, n={n}"]))
+
     # ---- whole card -------------------------------------------------------------------------------------
 
     def clean(self) -> None:
@@ -285,6 +339,7 @@ def evaluate(card: Mapping, policy: Optional[Mapping] = None) -> dict:
             if ev is not None:
                 evidence.append(ev)
         j.sanity()
+        j.served_votes()
         base = j.baseline(evidence)
     else:
         base = None

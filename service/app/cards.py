@@ -56,8 +56,23 @@ def summarize(card: dict, legacy: Optional[dict] = None) -> dict:
                          "mode": s.get("mode"), "threat_model": s.get("threat_model"), "eps": _num(s.get("eps")),
                          "n": s.get("n") if isinstance(s.get("n"), int) else robust.get("n"),
                          "robust_accuracy": _num(robust.get("acc")), "ci95": _ci(robust.get("ci95")),
-                         "expected_robust_accuracy": _num(expected.get("acc"))})
+                         "expected_robust_accuracy": _num(expected.get("acc")),
+                         "votes": s.get("votes") if isinstance(s.get("votes"), int) else 1,
+                         "declared": s.get("declared") if isinstance(s.get("declared"), bool) else None,
+                         "claim": s.get("claim") if isinstance(s.get("claim"), str) else None})
+    voted = card.get("served_votes") if isinstance(card.get("served_votes"), dict) else {}
+    for r in voted.get("rows") or []:
+        if isinstance(r, dict):
+            robust = r.get("robust") if isinstance(r.get("robust"), dict) else {}
+            settings.append({"setting": str(r.get("name", "?")), "description": (r.get("attack") or {}).get("outcome"),
+                             "mode": r.get("mode"), "threat_model": r.get("threat_model"), "eps": _num(r.get("eps")),
+                             "n": r.get("n") if isinstance(r.get("n"), int) else None,
+                             "robust_accuracy": _num(robust.get("acc")), "ci95": _ci(robust.get("ci95")),
+                             "votes": r.get("votes") if isinstance(r.get("votes"), int) else None,
+                             "declared": True, "claim": r.get("claim") if isinstance(r.get("claim"), str) else None})
+    attacked = voted.get("attacked")
     return {**gate_status(card, legacy),
+            "votes_attacked": [int(v) for v in attacked if isinstance(v, int)] if isinstance(attacked, list) else None,
             "dataset": data.get("dataset"), "n": data.get("n") if isinstance(data.get("n"), int) else None,
             "clean_accuracy": _num(clean.get("acc")), "clean_ci95": _ci(clean.get("ci95")), "settings": settings}
 

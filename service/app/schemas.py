@@ -58,6 +58,12 @@ class RobustAccuracy(BaseModel):
     ci95: Optional[list[float]] = Field(None, examples=[[0.456, 0.691]])
     expected_robust_accuracy: Optional[float] = Field(None, description="expected over k purifications, where "
                                                       "the card has it", examples=[0.61])
+    votes: Optional[int] = Field(None, description="VOTES of the attacked defence (k > 1: the attack "
+                                 "differentiated the mean probabilities of k purifications, the outcome is the "
+                                 "majority label)", examples=[1])
+    declared: Optional[bool] = Field(None, description="a threat model the product claims to defend (else only "
+                                     "reported: not defended at this budget)", examples=[True])
+    claim: Optional[str] = Field(None, description="what the figure claims, in words")
 
 
 class RobustnessSummary(BaseModel):
@@ -76,6 +82,8 @@ class RobustnessSummary(BaseModel):
     clean_accuracy: Optional[float] = Field(None, examples=[0.906])
     clean_ci95: Optional[list[float]] = Field(None, examples=[[0.81, 0.956]])
     settings: list[RobustAccuracy] = Field(default_factory=list)
+    votes_attacked: Optional[list[int]] = Field(None, description="the VOTES values the gate attacked (the default "
+                                                "and the served maximum)", examples=[[1, 16]])
 
 
 class Timings(BaseModel):
