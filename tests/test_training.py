@@ -118,6 +118,22 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, kind):
     assert hist == sorted(set(hist))  # the log is not replayed twice
 
 
+def test_diffusion_init_and_t_range(tmp_path, tiny_diffusion_ckpt):
+    """--init starts from the checkpoint's EMA weights (0 steps: the saved model IS them; mutation: dropping
+    load_init makes the weights differ), --t_min/--t_max bound the training timesteps, and both are recorded."""
+    out = tmp_path / "ft"
+    train_diffusion.main(["--preset", "smoke", "--steps", "0", "--grid_n", "1", "--init", str(tiny_diffusion_ckpt),
+                          "--t_min", "120", "--t_max", "300", "--out_dir", str(out), "--threads", "1"])
+    init_ema, got = load_file(tiny_diffusion_ckpt / "ema.safetensors"), weights(out / "checkpoint")["model"]
+    assert init_ema.keys() == got.keys() and all(torch.equal(init_ema[k], got[k]) for k in got)
+    meta = ckpt.load_meta(out / "checkpoint")
+    assert (meta["config"]["t_min"], meta["config"]["t_max"]) == (120, 300)
+    assert meta["init"]["ema_sha256"] == ckpt.weights_sha256(tiny_diffusion_ckpt, "ema")
+    cfg = train_diffusion.DiffusionConfig(t_min=120, t_max=300)
+    t = train_diffusion.sample_timesteps(cfg, 20000, "cpu")
+    assert int(t.min()) == 120 and int(t.max()) == 300  # both ends reached, nothing outside
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     out = tmp_path / "run"
     train_classifier.main(["--preset", "smoke", "--steps", "2", "--out_dir", str(out), "--threads", "1",
@@ -191,6 +207,8 @@ def test_torchrun_two_processes(tmp_path):
     ("diffusion", ["--steps", "many"], ["--steps", "int"]),
     ("diffusion", ["--preset", "huge"], ["huge", "smoke"]),
     ("diffusion", ["--t_max", "5000"], ["--t_max"]),
+    ("diffusion", ["--t_min", "300", "--t_max", "200"], ["--t_min"]),
+    ("diffusion", ["--init", "/nonexistent/ckpt"], ["--init"]),
     ("diffusion", ["--flip", "sometimes"], ["--flip"]),
     ("classifier", ["--lr", "fast"], ["--lr", "float"]),
     ("classifier", ["--preset", "nope"], ["nope"]),

@@ -3,7 +3,10 @@
   python -m training.train_diffusion --preset default --out_dir runs/diffusion
   torchrun --nproc_per_node 2 -m training.train_diffusion --preset default
 
-`--t_max 100` restricts training to the timesteps purification at t*=100 ever visits.
+`--t_max 100` restricts training to the timesteps purification at t*=100 ever visits; `--t_min`/`--t_max`
+choose any range [t_min, t_max]. `--init CKPT` fine-tunes a dbp diffusion checkpoint's EMA weights instead of
+starting from scratch (e.g. widening the shipped purifier's t <= 100 to the t a smoothing sigma needs,
+docs/certify.md); a resumed run continues from its own checkpoint, not from --init.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
-from dbp import config as C, distributed
+from dbp import checkpoint as ckpt, config as C, distributed
 from dbp.data import load_dataset
 from dbp.diffusion import Diffusion, to_image_range, to_model_range
 from dbp.models import Purifier
@@ -37,7 +40,9 @@ class DiffusionConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     warmup: int = 100
-    t_max: int = 999  # sample training timesteps from [0, t_max]
+    t_min: int = 0  # sample training timesteps uniformly from [t_min, t_max]
+    t_max: int = 999
+    init: Optional[str] = None  # a dbp diffusion/ADDT checkpoint whose EMA weights start the run (fine-tuning)
     ema_decay: float = 0.999  # cap of the warm-up EMA 1 - (1 + step)^-0.75
     dropout: float = 0.0
     flip: bool = True
@@ -60,6 +65,10 @@ def main(argv=None) -> dict:
     cfg = C.parse_cli(DiffusionConfig, argv, PRESETS, prog="python -m training.train_diffusion")
     if not 0 <= cfg.t_max <= 999:
         raise C.ConfigError(f"--t_max must be in [0, 999], got {cfg.t_max}")
+    if not 0 <= cfg.t_min <= cfg.t_max:
+        raise C.ConfigError(f"--t_min must be in [0, t_max={cfg.t_max}], got {cfg.t_min}")
+    if cfg.init is not None and not (Path(cfg.init) / "meta.json").exists():
+        raise C.ConfigError(f"--init {cfg.init}: not a dbp checkpoint (no meta.json)")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     with distributed.session(cfg.device) as d:
@@ -69,7 +78,10 @@ def main(argv=None) -> dict:
 def run(cfg: DiffusionConfig, d: distributed.Dist) -> dict:
     train = load_dataset(cfg.dataset, "train", cfg.data_root)
     overrides = {"dropout": cfg.dropout} if cfg.dropout else {}
-    unet = build_unet(cfg.unet, **overrides).to(d.device)
+    unet = build_unet(cfg.unet, **overrides)
+    if cfg.init is not None:
+        load_init(unet, cfg)
+    unet.to(d.device)
     diffusion = Diffusion().to(d.device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
@@ -78,12 +90,14 @@ def run(cfg: DiffusionConfig, d: distributed.Dist) -> dict:
         if cfg.flip:
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
         x0 = to_model_range(x)
-        t = torch.randint(0, cfg.t_max + 1, (x.shape[0],), device=x.device)
+        t = sample_timesteps(cfg, x.shape[0], x.device)
         eps = torch.randn_like(x0)
         return F.mse_loss(net(diffusion.q_sample(x0, t, eps), t).sample, eps), {}
 
     meta = {"kind": "diffusion", "arch": {"unet": cfg.unet, "unet_overrides": overrides, "dataset": cfg.dataset},
             "config": C.to_dict(cfg), "git_commit": git_commit()}
+    if cfg.init is not None:
+        meta["init"] = {"path": str(cfg.init), "ema_sha256": ckpt.weights_sha256(cfg.init, "ema")}
     trainer = Trainer(unet, opt, loss_fn, train.images, train.labels,
                       LoopConfig(cfg.steps, cfg.batch_size, cfg.ckpt_every, grad_clip=1.0, seed=cfg.seed),
                       Path(cfg.out_dir), meta, d, ema=ema, lr_at=warmup_then_cosine(cfg.warmup, cfg.steps, 0.1))
@@ -100,6 +114,23 @@ def run(cfg: DiffusionConfig, d: distributed.Dist) -> dict:
         (out / "report.json").write_text(json.dumps({**result, "config": C.to_dict(cfg)}, indent=2))
         print(json.dumps(result))
     return result
+
+
+def sample_timesteps(cfg: DiffusionConfig, n: int, device) -> torch.Tensor:
+    """The training timesteps of one batch: uniform on [t_min, t_max] (the global torch RNG, seeded per step)."""
+    return torch.randint(cfg.t_min, cfg.t_max + 1, (n,), device=device)
+
+
+def load_init(unet: torch.nn.Module, cfg: DiffusionConfig) -> None:
+    """Start from --init's EMA weights; the architecture and dataset must be the run's own."""
+    meta = ckpt.load_meta(cfg.init)
+    if meta.get("kind") not in ckpt.PURIFIER_KINDS:
+        raise C.ConfigError(f"--init {cfg.init} holds a {meta.get('kind')!r} checkpoint, not a diffusion model")
+    arch = meta.get("arch", {})
+    if arch.get("unet") != cfg.unet or arch.get("dataset") != cfg.dataset:
+        raise C.ConfigError(f"--init {cfg.init} is a {arch.get('unet')!r} UNet for {arch.get('dataset')!r}; "
+                            f"this run trains {cfg.unet!r} on {cfg.dataset!r}")
+    unet.load_state_dict(ckpt.load_weights(cfg.init, "ema"))
 
 
 def write_grid(eps_net, x01: torch.Tensor, path: Path) -> Path:
