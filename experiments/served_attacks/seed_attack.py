@@ -74,8 +74,8 @@ def send_three_ways(gateway: GatewayClassifier, triton_grpc: str, x_adv: torch.T
     """Labels for the same examples: (a) Triton with raw seeds s + i, (b) gateway seed=s, (c) gateway, no seed."""
     seeds = [client_seed + i for i in range(len(x_adv))]
     return {"raw_seed_triton": triton_raw_seed(triton_grpc, x_adv, seeds),
-            "gateway_seed": gateway(x_adv, seed=client_seed),
-            "gateway_fresh": gateway(x_adv)}
+            "gateway_seed": gateway(x_adv, seed=client_seed)[0],
+            "gateway_fresh": gateway(x_adv)[0]}
 
 
 def markdown(r: dict) -> str:
