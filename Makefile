@@ -29,6 +29,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@# foolbox only for the 20 real CIFAR-10 test PNGs its wheel carries (read as files, never imported)
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps foolbox==3.3.4
+	@# torchattacks for the Square query attack (experiments/served_attacks/square_attack.py). --no-deps: its metadata
+	@# asks for torchvision and requests~=2.25.1, neither of which it imports; torch stays requirements.lock's 2.13.0
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1
 	@rm -f $(VENV)/.stamp-* && touch $@
 
 data:

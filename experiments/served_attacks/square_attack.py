@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .common import (EPS_LINF, ROOT, GatewayClassifier, accuracy, fmt, heldout, newest_pair_repo, provenance,
                      served_services, served_settings, to_grid, write_outputs)
 
-SQUARE_VERSION = "3.5.1"  # pinned: Makefile / requirements.lock
+SQUARE_VERSION = "3.5.1"  # pinned in the Makefile (--no-deps), noted in requirements.lock
 
 
 class GatewayModel(nn.Module):
@@ -111,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     from loadtests.stack import Stack
     import torchattacks
+    if torchattacks.__version__ != SQUARE_VERSION:
+        print(f"WARNING: torchattacks {torchattacks.__version__}, not the pinned {SQUARE_VERSION}", file=sys.stderr)
 
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()
