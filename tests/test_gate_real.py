@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dbp import config as C
 from dbp.checkpoint import load_meta, load_weights, save_checkpoint
 from dbp.diffusion import PurifyNoise
-from dbp.gate import run as G
+from dbp.gate import config as GC, protocol as GP, report as GR, run as G
 from dbp.gate.policy import load_policy
 from dbp.gate.verdict import evaluate
 from dbp.models import Defense, Purifier, load_classifier, load_unet
@@ -79,16 +78,16 @@ def policy():
 
 
 def measure(tmp_path, defense, cls_ckpt, pur_ckpt, policy, name) -> dict:
-    cfg = G.GateConfig(purifier=str(pur_ckpt), classifier=str(cls_ckpt), n_images=N, batch_size=N,
+    cfg = GC.GateConfig(purifier=str(pur_ckpt), classifier=str(cls_ckpt), n_images=N, batch_size=N,
                        threat_models=("paper",), norms=("linf",), modes=("dwbox",), steps=20, bare_steps=20, k=0,
                        grid_n=0, sanity_n=4, out_dir=str(tmp_path / name), sampler="ddpm", t_star=100,
                        num_inference_steps=10)
-    ctx = G.ctx_for(cfg, pur_ckpt, cls_ckpt, defense, load_meta(cls_ckpt), {"purifier": "x", "classifier": "y"},
+    ctx = GP.ctx_for(cfg, pur_ckpt, cls_ckpt, defense, load_meta(cls_ckpt), {"purifier": "x", "classifier": "y"},
                     torch.device("cpu"))
     ctx.state.mkdir(parents=True)
-    m = G.eval_batch(ctx, 0, 0, N)
+    m = GP.eval_batch(ctx, 0, 0, N)
     m["time_s"] = m["time_s"].sum()
-    card = G.build_card(ctx, m, False, G.sanity(ctx, m), policy, 0.0, 1)
+    card = GR.build_card(ctx, m, False, GP.sanity(ctx, m), policy, 0.0, 1)
     return evaluate(card, policy)
 
 
@@ -152,10 +151,10 @@ def test_server_refuses_a_card_for_another_t_star(tmp_path, tiny_classifier_ckpt
 def test_convergence_report_plots_accuracy_against_steps_and_eot(tmp_path, tiny_classifier_ckpt,
                                                                  tiny_diffusion_ckpt):
     from dbp import distributed
-    cfg = G.GateConfig(purifier=str(tiny_diffusion_ckpt), classifier=str(tiny_classifier_ckpt), n_images=4,
+    cfg = GC.GateConfig(purifier=str(tiny_diffusion_ckpt), classifier=str(tiny_classifier_ckpt), n_images=4,
                        threat_models=("paper",), norms=("linf",), sampler="ddpm", num_inference_steps=10, t_star=100,
                        steps=2, k=2, out_dir=str(tmp_path))
-    ctx = G.build(cfg, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    ctx = GP.build(cfg, distributed.Dist(0, 1, 0, torch.device("cpu")))
     res = G.convergence_report(ctx, steps=(1, 3), eots=(1, 2))
     assert len(res["points"]) == 4 and (tmp_path / "convergence.png").stat().st_size > 1000
     pts = res["points"]
@@ -164,6 +163,6 @@ def test_convergence_report_plots_accuracy_against_steps_and_eot(tmp_path, tiny_
     again = G.convergence_report(ctx, steps=(1, 3), eots=(1, 2))  # resumable: nothing recomputed
     assert again == res
     # another seed would draw other noise: its points must not be mixed with these
-    other = G.build(dataclasses.replace(cfg, seed=1), distributed.Dist(0, 1, 0, torch.device("cpu")))
-    with pytest.raises(C.ConfigError, match="different evaluation.*seed: saved 0 vs now 1"):
+    other = GP.build(dataclasses.replace(cfg, seed=1), distributed.Dist(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(GC.GateError, match="different evaluation.*seed: saved 0 vs now 1"):
         G.convergence_report(other, steps=(1, 3), eots=(1, 2))

@@ -8,7 +8,7 @@ import pytest
 
 from dbp import config as C
 from dbp import repository
-from dbp import gate
+from dbp.gate import config as gate
 from helpers import MODEL_REPOSITORY, copy_repo_configs, write_card
 
 

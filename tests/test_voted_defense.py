@@ -12,7 +12,7 @@ import torch
 
 from dbp import distributed
 from dbp.data import load_dataset
-from dbp.gate import run as G
+from dbp.gate import config as GC, protocol as GP, report as GR
 from dbp.models import Defense, Purifier, VotedDefense, load_classifier, load_unet
 from dbp.serving.contract import aggregate_votes
 
@@ -36,20 +36,20 @@ def test_votes_are_image_major_and_averaged_as_probabilities(tiny_diffusion_ckpt
         # the served LABEL of these votes is what the gate scores
         label = aggregate_votes(voted.vote_logits(x, noise=noise).numpy(), 4)["LABEL"][:, 0]
         y = torch.from_numpy(label)
-        assert G.majority_correct(voted, x, y, torch.Generator().manual_seed(0)).all()
-        assert not G.majority_correct(voted, x, (y + 1) % 10, torch.Generator().manual_seed(0)).any()
+        assert GP.majority_correct(voted, x, y, torch.Generator().manual_seed(0)).all()
+        assert not GP.majority_correct(voted, x, (y + 1) % 10, torch.Generator().manual_seed(0)).any()
 
 
 def test_the_gate_attacks_the_served_maximum_votes(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
-    cfg = G.GateConfig(purifier=str(tiny_diffusion_ckpt), classifier=str(tiny_classifier_ckpt), n_images=8,
+    cfg = GC.GateConfig(purifier=str(tiny_diffusion_ckpt), classifier=str(tiny_classifier_ckpt), n_images=8,
                        n_images_eot=4, batch_size=8, threat_models=("paper",), sampler="ddpm",
                        num_inference_steps=10, t_star=100, steps=6, eot=4, k=0, bare_steps=2, votes=3, grid_n=0,
                        sanity_n=0, out_dir=str(tmp_path))
-    ctx = G.build(cfg, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    ctx = GP.build(cfg, distributed.Dist(0, 1, 0, torch.device("cpu")))
     ctx.state.mkdir(parents=True)
-    m = G.eval_batch(ctx, 0, 0, 8)
+    m = GP.eval_batch(ctx, 0, 0, 8)
     m["time_s"] = m["time_s"].sum()
-    block = G.served_votes_block(ctx, m)
+    block = GR.served_votes_block(ctx, m)
     assert block["max"] == 3 and block["attacked"] == [1, 3]
     assert [(r["threat_model"], r["n"], r["attack"]["eot"]) for r in block["rows"]] == [("linf", 4, 2), ("l2", 4, 2)]
     for r in block["rows"]:

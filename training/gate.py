@@ -1,6 +1,6 @@
 """Robustness gate CLI: attack purifier+classifier, write a robustness card, pass or fail against thresholds.
 
-The measurement lives in dbp/gate/run.py, the verdict (recomputed from the card's per-image evidence under the
+The measurement lives in dbp/gate/ (config, protocol, report, run), the verdict (recomputed from the card's per-image evidence under the
 pinned policy dbp/gate/promotion_policy.json) in dbp/gate/verdict.py; this is the command line over
 `dbp.gate.run.run`. Purification settings default to what the repository serves. DBP_GATE_SIGNING_KEY names the
 private key that signs the card (without it the card is written unsigned and cannot be exported).
@@ -24,14 +24,19 @@ from __future__ import annotations
 import sys
 
 from dbp import config as C
-from dbp.gate.run import PRESETS, GateConfig, run
+from dbp.gate.config import PRESETS, GateConfig, GateError
+from dbp.gate.run import run
 from dbp.runtime import set_threads
 
 
 def main(argv=None) -> int:
     cfg = C.parse_cli(GateConfig, argv, PRESETS, prog="python -m training.gate")
     set_threads(cfg.threads)
-    return run(cfg)
+    try:
+        return run(cfg)
+    except GateError as e:  # the library's one error type; the exit status is the CLI's business
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -4,23 +4,22 @@
   verdict.py  the verdict recomputed from a card's per-image evidence under the policy (torch-free): the gate,
               export and the server all call `verify`
   signing.py  Ed25519 signatures over card + weights + policy (the `cryptography` library; torch-free)
-  run.py      the measurement: attacks, per-batch state, sanity checks, the card (torch)
+  config.py   GateConfig, presets, the settings and their noise streams, GateError (the library's one error)
+  protocol.py the measurement: set-up, one batch of every setting (attacks, served VOTES), sanity checks (torch)
+  report.py   the card from the merged per-image results, its plots and printed summary
+  run.py      the run: per-batch state, torchrun shards, merge, convergence report, sign, decide
 
-Import from the submodules (`from dbp.gate.run import GateConfig, run`); names of run.py are also resolved here
-lazily, so `import dbp.gate.verdict` (the server, export) never loads torch. `dbp.gate.run` is the module.
+Import from the submodules (`from dbp.gate.config import GateConfig`, `from dbp.gate.run import run`); `import
+dbp.gate.verdict` (the server, export) never loads torch.
 """
 from __future__ import annotations
 
 import importlib
 
-_TORCH_FREE = {"policy", "verdict", "signing"}
+_SUBMODULES = {"policy", "verdict", "signing", "config", "protocol", "report", "run"}
 
 
 def __getattr__(name: str):
-    if name in _TORCH_FREE or name == "run":  # the submodules themselves
+    if name in _SUBMODULES:  # loaded on first use, so the torch-free ones stay torch-free
         return importlib.import_module(f"{__name__}.{name}")
-    module = importlib.import_module(f"{__name__}.run")  # the measurement's names: GateConfig, PRESETS, ...
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
