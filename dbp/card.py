@@ -23,7 +23,6 @@ import hashlib
 
 from .checkpoint import CheckpointError, weights_sha256
 
-from .gate.policy import MODES, THREAT_MODELS  # noqa: F401 - re-exported: one definition, in the policy
 from .gate.verdict import SCHEMA, VerdictError, verify
 
 OLD_SCHEMAS = ("dbp.robustness_card/1", "dbp.robustness_card/2")  # readable (summaries, legacy), never passing

@@ -23,7 +23,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .attacks import PAPER_BUDGET, PGD, AttackConfig, AttackResult
+from .attacks import PGD, AttackConfig, AttackResult
+from .threat_models import PAPER_BUDGET
 from .diffusion import PurifyNoise
 from .models import Defense
 from .stats import Z95, wilson  # noqa: F401 - re-exported: callers import them from here

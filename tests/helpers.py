@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from dbp import repository
-from dbp.card import SCHEMA, THREAT_MODELS, binding_sha256, meta_sha256
+from dbp.card import SCHEMA, binding_sha256, meta_sha256
+from dbp.threat_models import THREAT_MODELS
 from dbp.checkpoint import weights_sha256
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbp.apgd import APGD, checkpoints, rand_version
+from dbp.attacks.apgd import APGD, checkpoints, rand_version
 from dbp.attacks import PGD, AttackConfig, build_attack
 from dbp.models import Defense, Purifier
 from dbp.robustness import mean_interval, single_shot

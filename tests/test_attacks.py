@@ -76,7 +76,7 @@ def test_eot_k1_equals_plain_pgd_reference_loop(defense, batch):
     the gradient is the same up to rounding, and a component at rounding level may then take the other sign
     on another machine's kernels, moving that pixel by 2 * step (the verdict would depend on the last bits).
 
-    Checked by mutation of dbp/attacks.py (2026-12-06): the EoT noise drawn from the global RNG instead of
+    Checked by mutation of dbp/attacks/ (2026-12-06): the EoT noise drawn from the global RNG instead of
     the attack's generator fails (1926 pixels differ), and so does a step of 1.01 * step (2441)."""
     x, y = batch
     steps, eps, step = 3, 8 / 255, 2 / 255

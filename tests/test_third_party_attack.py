@@ -82,7 +82,7 @@ def test_pgd_matches_art(setup, norm, eps, step):
     the box before projecting onto the ball, we after, which differ where both bind); the end result is
     compared for both norms by accuracy.
 
-    Checked by mutation of dbp/attacks.py (2026-12-06): a step of 1.1 * step fails the first step; the l_inf
+    Checked by mutation of dbp/attacks/ (2026-12-06): a step of 1.1 * step fails the first step; the l_inf
     ball clamped at 2 * eps fails step 5 (the first iterate that reaches eps); removing the box clamp in
     `project` fails the first step (Fashion-MNIST's black background sits at 0).
     """

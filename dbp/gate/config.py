@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from .. import repository
-from ..attacks import NORMS
-from .policy import MODES, THREAT_MODELS, load_policy
+from ..threat_models import MODES, NORMS, THREAT_MODELS
+from .policy import load_policy
 
 
 class GateError(ValueError):
@@ -29,7 +29,7 @@ class GateConfig:
     data_root: Optional[str] = None
     n_images: int = 1024  # DW-box: the first n_images test images (the paper's subset)
     n_images_eot: Optional[int] = None  # the stochastic setting on the first n_images_eot of them (default all)
-    threat_models: tuple[str, ...] = ("paper", "fashion")  # budgets: dbp.card.THREAT_MODELS
+    threat_models: tuple[str, ...] = ("paper", "fashion")  # budgets: dbp.threat_models.THREAT_MODELS
     norms: tuple[str, ...] = ("linf", "l2")  # filter on the threat models' norms
     modes: tuple[str, ...] = ("dwbox", "eot")
     # purification settings: default what the repository serves (purifier/config.pbtxt)

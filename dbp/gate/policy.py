@@ -14,15 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..threat_models import MODES, THREAT_MODELS
+
 POLICY_FILE = Path(__file__).resolve().parent / "promotion_policy.json"
 SCHEMA = "dbp.promotion_policy/1"
-# The budgets per threat model, (eps, step) in [0, 1] pixel units. "paper": the paper's CIFAR-10 budgets
-# (method.md §3.1), the threat models this product declares; "fashion": the budget customary for
-# Fashion-MNIST, reported on every card and judged by non-inferiority only (at t* = 0.1T every purifier
-# gives about the same there: t*, not the weights, decides it).
-THREAT_MODELS = {"paper": {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)},
-                 "fashion": {"linf": (0.1, 0.025)}}
-MODES = ("dwbox", "eot")
 FLOOR = {"declared_threat_models": ("paper",), "modes": MODES, "min_steps": 20, "min_eot": 10, "min_k": 10,
          "min_n": {"dwbox": 256, "eot": 64}, "vs_bare_alpha": 0.01, "vs_bare_min_lower_bound": 0.10,
          "min_clean_purified": 0.80, "min_clean_bare": 0.80, "large_budget_max_acc": 0.10,

@@ -36,7 +36,8 @@ from typing import Any, Mapping, Optional
 from ..paired import (NotComparableError, OutcomeRecord, PairedTable, check_comparable, mcnemar_exact,
                       mcnemar_one_sided, newcombe_interval, paired_hits)
 from ..stats import wilson
-from .policy import MODES, THREAT_MODELS, is_declared, load_policy
+from ..threat_models import MODES, THREAT_MODELS
+from .policy import is_declared, load_policy
 
 SCHEMA = "dbp.robustness_card/3"
 FIGURE_TOL = 1e-9

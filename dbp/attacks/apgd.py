@@ -1,7 +1,7 @@
 """APGD (Croce & Hein, ICML 2020) through the project's attack objective: EoT, fixed DW-box noise, CE or DLR.
 
 AutoAttack's `rand` version for randomized defences is APGD-CE and APGD-DLR with the gradient averaged
-over EoT draws at every step; here the draws are the batched B*K rows of `dbp.attacks.Objective`, and
+over EoT draws at every step; here the draws are the batched B*K rows of `dbp.attacks.base.Objective`, and
 DW-box fixes the noise exactly as for PGD. Per sample:
   - step size eta starts at 2*eps (l_inf and l_2); the first step is a plain projected gradient step,
     later ones add momentum: x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1 - a)(x_k - x_{k-1})), a = 0.75;
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .attacks import Attack, AttackConfig, RunOutput, direction, project
+from .base import Attack, AttackConfig, RunOutput, direction, project
 
 MOMENTUM = 0.75
 RHO = 0.75

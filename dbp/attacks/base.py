@@ -1,31 +1,5 @@
-"""PGD under l_inf / l_2 on classifier(purify(x)), with the true gradient through every purification step.
-
-Settings (method.md §3, §4):
-  - stochastic white-box ("eot"): every step averages the gradient over K purifications, each with fresh
-    forward and reverse noise. The K draws run as ONE batch of B*K rows (repeat_interleave of the input),
-    and the per-sample gradients are summed by autograd through the repeat.
-  - DW-box ("dwbox"): all purifier noise is drawn once per batch and reused at every step (and, by
-    `dbp.robustness`, in the final evaluation); no EoT, the defence is a deterministic function.
-  - a bare classifier (any nn.Module that is not a `Defense`) is attacked like DW-box.
-
-Stronger attacks at the same budget (issue 9):
-  - best iterate (`keep="best"`, the default): every iterate is a candidate, scored by the fraction of its
-    purifications classified correctly. DW-box: the exact 0/1 outcome under the fixed noise, so a sample
-    counts as broken if ANY step fooled it. EoT: the K fresh purifications of its gradient step (or
-    `score_k` extra ones). Per sample the candidate with the lowest score wins, ties to the higher loss,
-    as Fixed-AutoAttack keeps the per-sample minimum. `keep="last"` is the paper's last iterate.
-  - `loss="dlr"`: the margin loss of Croce & Hein (2020), scale-free where CE saturates.
-  - `restarts` > 1: later runs start uniformly in the l_inf ball / uniformly in the l_2 ball and only
-    attack the samples not yet broken; `random_start` also randomises the first run (else delta = 0).
-  - `algorithm="apgd"`: APGD (dbp/apgd.py) through the same objective and noise machinery.
-
-Gradients are taken with `torch.autograd.grad` w.r.t. the input only and the model's parameters are
-frozen for the duration of the call, so no parameter gradient is ever computed or stored. Memory through
-the reverse chain is bounded by the per-UNet-call checkpointing in `Diffusion.purify`.
-
-  atk = build_attack(Defense(purifier, classifier), AttackConfig(norm="linf", mode="eot", eot=10))
-  res = atk(x01, labels, generator=torch.Generator().manual_seed(0))
-  res.x_adv, res.loss, res.score   # adversarial images, per-sample loss per step, attack's own accuracy estimate
+"""The attack machinery every algorithm shares: the config, the objective (EoT, fixed DW-box noise, the loss),
+best-iterate tracking, restarts, projections. PGD (pgd.py) and APGD (apgd.py) implement `Attack.run`.
 """
 from __future__ import annotations
 
@@ -38,16 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import PurifyNoise
-from .models import Defense
+from ..diffusion import PurifyNoise
+from ..models import Defense
+from ..threat_models import MODES, NORMS, PAPER_BUDGET
 
-NORMS = ("linf", "l2")
-MODES = ("eot", "dwbox")
 LOSSES = ("ce", "dlr")
 ALGORITHMS = ("pgd", "apgd")
 KEEP = ("best", "last")
-# The paper's budgets in [0, 1] pixel units (method.md §3.1): (eps, step)
-PAPER_BUDGET = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}
 
 
 @dataclass
@@ -349,46 +320,3 @@ class Attack:
 
     def run(self, x, y, delta0, noise, generator, offer) -> RunOutput:
         raise NotImplementedError
-
-
-class PGD(Attack):
-    """Projected gradient ascent with a fixed step, box [0, 1] (the paper's attack with keep="last")."""
-
-    def run(self, x, y, delta0, noise, generator, offer) -> RunOutput:
-        cfg = self.cfg
-        delta = delta0
-        losses, zero_grad = [], torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for i in range(cfg.steps):
-            probe = self.objective(x + delta, y, noise, generator)
-            losses.append(probe.loss)
-            offer(x + delta, probe, i)
-            if i == 0:
-                zero_grad = probe.grad.flatten(1).abs().amax(1) == 0
-            delta = project(x, delta + cfg.step * direction(probe.grad, cfg.norm), cfg.norm, cfg.eps)
-        x_last = (x + delta).detach()
-        probe = self.final_probe(x_last, y, noise, generator)
-        if probe is not None:
-            offer(x_last, probe, cfg.steps, final=True)
-        loss = torch.stack(losses, 1) if losses else x.new_zeros(len(x), 0)
-        return RunOutput(x_last, loss, zero_grad)
-
-    # kept for callers and tests that take one EoT gradient directly
-    def gradient(self, x_in: torch.Tensor, y: torch.Tensor, noise: Optional[PurifyNoise],
-                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-sample loss averaged over the draws [B], summed input gradient [B,C,H,W])."""
-        probe = self.objective(x_in, y, noise, generator)
-        return probe.loss, probe.grad
-
-    def direction(self, g: torch.Tensor) -> torch.Tensor:
-        return direction(g, self.cfg.norm)
-
-    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return project(x, delta, self.cfg.norm, self.cfg.eps)
-
-
-def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:
-    """The attack object for cfg.algorithm: PGD or APGD."""
-    if cfg.algorithm == "apgd":
-        from .apgd import APGD  # apgd builds on this module
-        return APGD(model, cfg)
-    return PGD(model, cfg)
