@@ -108,8 +108,9 @@ def prune(model_dir: str | Path, keep: int) -> list[Path]:
 
 def read_parameters(config: str | Path) -> dict[str, Any]:
     """A config.pbtxt's `parameters` as Triton hands them to model.py (model_config["parameters"])."""
-    pairs = re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', Path(config).read_text())
-    return {"parameters": {k: {"string_value": v} for k, v in pairs}}
+    pairs = re.findall(r'key: "(\w+)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', Path(config).read_text())
+    # protobuf text format escapes \" and \\ inside strings (class_names is a JSON list)
+    return {"parameters": {k: {"string_value": re.sub(r'\\(.)', r'\1', v)} for k, v in pairs}}
 
 
 def set_parameter(config: str | Path, key: str, value: Any) -> None:

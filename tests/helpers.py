@@ -160,14 +160,14 @@ def export_repo(root: Path, purifier_ckpt: Path, classifier_ckpt: Path, **purifi
     """root/model_repository with version 1 exported from the given checkpoints; purifier_params are set in
     purifier/config.pbtxt first (e.g. sampler="ddpm", t_star=20). The new version has no __pycache__, as in a
     git checkout, so the launcher must write the .pyc before the server polls."""
-    from training import export
+    from dbp import publish
 
     repo = copy_repo_configs(root / "model_repository")
     (repo / "purify_classify" / "1").mkdir(exist_ok=True)
     for key, value in purifier_params.items():
         repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, key, value)
     card = write_card(root / "card.json", purifier_ckpt, classifier_ckpt, purification=served_purification(repo))
-    assert export.export(purifier_ckpt, classifier_ckpt, card, repo) == 1
+    assert publish.export(purifier_ckpt, classifier_ckpt, card, repo) == 1
     shutil.rmtree(repo / "purifier" / "1" / "__pycache__")
     return repo
 

@@ -1,4 +1,4 @@
-"""training.export (over dbp.repository): gated, atomic, numbered versions in a temporary copy of model_repository/."""
+"""dbp.publish and its CLI training.export: gated, atomic, numbered versions in a temporary copy of model_repository/."""
 from __future__ import annotations
 
 import filecmp
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dbp import repository
+from dbp import publish, repository
 from dbp.checkpoint import load_meta, weights_sha256
 from dbp.serving.services import load_version
 from helpers import copy_repo_configs, write_card
@@ -32,8 +32,8 @@ def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ck
     for card, msg in [(failed, r"does not pass under the pinned policy: vs_bare \(paper linf"),
                       (other, "purifier weights .* are not the weights the card was computed on"),
                       (tmp_path / "missing.json", "no robustness card")]:
-        with pytest.raises(export.ExportError, match=msg):
-            export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+        with pytest.raises(publish.ExportError, match=msg):
+            publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     for model in ("purifier", "classifier"):
         assert entries(repo / model) == ["config.pbtxt", "model.py"]  # no version, no temp dir
 
@@ -100,8 +100,8 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
 def test_export_refuses_weak_or_unbound_cards(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, card_kw,
                                               words):
     card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, **card_kw)
-    with pytest.raises(export.ExportError, match="refusing to export") as e:
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    with pytest.raises(publish.ExportError, match="refusing to export") as e:
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     assert words in str(e.value)
     assert entries(repo / "purifier") == ["config.pbtxt", "model.py"]
 
@@ -137,8 +137,8 @@ def test_export_refuses_tampered_cards(repo, tmp_path, tiny_diffusion_ckpt, tiny
     from helpers import synthetic_card
     path = tmp_path / "card.json"
     path.write_text(json.dumps(_tamper(synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt), how)))
-    with pytest.raises(export.ExportError, match=words):
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+    with pytest.raises(publish.ExportError, match=words):
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
 
 
 def test_export_refuses_a_card_measured_under_another_policy(repo, tmp_path, tiny_diffusion_ckpt,
@@ -150,17 +150,17 @@ def test_export_refuses_a_card_measured_under_another_policy(repo, tmp_path, tin
     card["policy"]["sha256"] = "0" * 64
     path = tmp_path / "card.json"
     path.write_text(json.dumps(signing.sign(card, signing.load_private_key(TEST_SIGNING_KEY))))
-    with pytest.raises(export.ExportError, match=r"policy \(card\): measured under policy 000000000000"):
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+    with pytest.raises(publish.ExportError, match=r"policy \(card\): measured under policy 000000000000"):
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
 
 
 def test_export_needs_the_deployed_version_as_baseline(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
     """Once a version is deployed, a new card must have been compared with it (same images and seeds), must be
     non-inferior on every setting and significantly better on one."""
     first = write_card(tmp_path / "first.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, baseline=None)
-    assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo) == 1  # nothing deployed yet
-    with pytest.raises(export.ExportError, match="baseline is not the deployed version"):
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo)
+    assert publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo) == 1  # nothing deployed yet
+    with pytest.raises(publish.ExportError, match="baseline is not the deployed version"):
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, first, repo)
     from helpers import synthetic_card
     card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, sign=False)
     for name, b in card["baseline"]["settings"].items():  # the deployed version was as good: no superiority
@@ -170,14 +170,14 @@ def test_export_needs_the_deployed_version_as_baseline(repo, tmp_path, tiny_diff
     from helpers import TEST_SIGNING_KEY
     path = tmp_path / "same.json"
     path.write_text(json.dumps(signing.sign(card, signing.load_private_key(TEST_SIGNING_KEY))))
-    with pytest.raises(export.ExportError, match=r"superiority \(Holm, declared settings\)"):
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
+    with pytest.raises(publish.ExportError, match=r"superiority \(Holm, declared settings\)"):
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, path, repo)
     better = write_card(tmp_path / "better.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, better, repo) == 2
+    assert publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, better, repo) == 2
 
 
 def test_provenance_records_no_absolute_paths(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
     card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     prov = (repo / "purifier" / "1" / "export.json").read_text()
     assert str(tmp_path) not in prov and "/tmp" not in prov and json.loads(prov)["sources"]["purifier"]["sha256"]

@@ -164,3 +164,13 @@ def test_training_clis_default_to_the_deployed_models(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         C.deployed_default(None, "purifier", "--init", "run_addt")
     assert e.value.code == 2 and "--init not given and no deployed purifier" in capsys.readouterr().err
+
+
+def test_read_parameters_unescapes_protobuf_strings(tmp_path):
+    """class_names is a JSON list inside a protobuf text string: \\" and \\\\ are escaped there."""
+    cfg = tmp_path / "config.pbtxt"
+    cfg.write_text('parameters: { key: "class_names" value: { string_value: "[\\"T-shirt/top\\", \\"a\\\\\\\\b\\"]" } }\n'
+                   'parameters: { key: "t_star" value: { string_value: "100" } }\n')
+    params = repository.read_parameters(cfg)["parameters"]
+    assert json.loads(params["class_names"]["string_value"]) == ["T-shirt/top", "a\\b"]
+    assert params["t_star"]["string_value"] == "100"

@@ -14,7 +14,7 @@ from helpers import copy_repo_configs, write_card
 ])
 def test_export_refuses_a_pair_that_does_not_match_the_interface(tmp_path, tiny_diffusion_ckpt,
                                                                  tiny_classifier_ckpt, key, value, words):
-    from training import export
+    from dbp import publish
     repo = copy_repo_configs(tmp_path / "model_repository")
     cfg = repo / "purify_classify" / "config.pbtxt"
     text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"(?:[^"\\]|\\.)*"', lambda m: f'{m.group(1)}"{value}"',
@@ -22,6 +22,6 @@ def test_export_refuses_a_pair_that_does_not_match_the_interface(tmp_path, tiny_
     assert n == 1
     cfg.write_text(text)
     card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt)
-    with pytest.raises(export.ExportError, match=re.escape(words)):
-        export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
+    with pytest.raises(publish.ExportError, match=re.escape(words)):
+        publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     assert not list((repo / "purifier").glob("[0-9]*"))  # nothing was published

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import Client, images, running_triton, seeds, served_purification, votes, write_card
-from training import export
+from dbp import publish
 
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
@@ -185,7 +185,7 @@ def test_new_version_is_picked_up_with_no_failed_request(server, repo, tiny_diff
     try:
         card = write_card(tmp_path / "card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt,
                           purification=served_purification(repo))
-        assert export.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo) == 2
+        assert publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo) == 2
         deadline = time.monotonic() + 300  # two torch stubs starting on a possibly busy 2-core machine
         while True:
             index = {(m["name"], m["version"]): m["state"] for m in http.c.get_model_repository_index()}
