@@ -14,13 +14,12 @@ the verdict from the card's per-image evidence under the pinned policy (`dbp.gat
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import hashlib
 
+from . import state
 from .checkpoint import CheckpointError, weights_sha256
 
 from .gate.verdict import SCHEMA, VerdictError, verify
@@ -179,16 +178,7 @@ def _summary(s: Mapping[str, Any]) -> str:
 
 def write_card(card: Mapping[str, Any], path: str | Path) -> Path:
     """Atomic write (temp file + rename) so a reader never sees half a card."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".card.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(card, f, indent=2, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return state.write_json(path, card, default=_json_default, fsync=True, newline=True)
 
 
 def _json_default(o: Any) -> Any:

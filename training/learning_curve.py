@@ -24,7 +24,6 @@ intervals). The config is saved in every output. Exit 2 on bad input, 3 when --m
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from dbp import config as C
+from dbp import config as C, state
+from dbp.repository import relative_path
 from dbp.attacks import PGD, AttackConfig
 from dbp.checkpoint import CheckpointError, load_meta, weights_sha256
 from dbp.data import DatasetError, load_dataset
@@ -45,7 +45,6 @@ from dbp.paired import OutcomeRecord, compare
 from dbp.robustness import single_shot, wilson
 from dbp.runtime import git_commit, set_threads
 
-ROOT = Path(__file__).resolve().parent.parent
 EXIT_INCOMPLETE = 3
 RESULTS, TABLE_JSON, TABLE_MD = "results.json", "curve.json", "curve.md"
 
@@ -115,15 +114,6 @@ def validate(cfg: CurveConfig) -> None:
         parse_grad_checkpoint(cfg.grad_checkpoint)
     except ValueError as e:
         raise C.ConfigError(f"--{e}") from None
-
-
-def rel(path: Path) -> str:
-    """Repository-relative when inside it: outputs carry no machine's absolute paths."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(ROOT))
-    except ValueError:
-        return str(p)
 
 
 def discover(cfg: CurveConfig) -> list[ModelSpec]:
@@ -212,7 +202,7 @@ def evaluate_model(cfg: CurveConfig, spec: ModelSpec, classifier, x, y, indices,
     for what, outs in (("clean", clean), ("robust", robust)):
         recs[what] = OutcomeRecord.build(torch.cat(outs), indices=indices, seeds=seeds, dataset=cfg.dataset,
                                          split="test", setting=settings(cfg)[what]).to_dict()
-    return {"key": spec.key, "arm": spec.arm, "step": spec.step, "path": rel(spec.path),
+    return {"key": spec.key, "arm": spec.arm, "step": spec.step, "path": relative_path(spec.path),
             "sha256": weights_sha256(spec.path, cfg.which), "kind": meta.get("kind"), "mode": meta.get("mode"),
             "trained_step": meta.get("step"), "records": recs, "wall_s": round(time.time() - t0, 1),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit()}
@@ -229,18 +219,12 @@ def load_cache(path: Path, key: dict) -> dict:
         models = cache["models"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise C.ConfigError(f"cannot read the results cache {path}: {e!r}; move it away to start over") from None
-    diff = sorted(k for k in set(have) | set(key) if have.get(k) != key.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: cached {have.get(k)!r} vs now {key.get(k)!r}" for k in diff)
-        raise C.ConfigError(f"{path} holds results of a different evaluation ({detail}); use another --out_dir")
+    state.require_same(have, key, path, "use another --out_dir", C.ConfigError)
     return {"eval": have, "models": models}
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    state.write_json(path, obj, indent=1)
 
 
 # ---- table and plot ------------------------------------------------------------------------------------

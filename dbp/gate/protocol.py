@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import config as C, distributed
+from .. import config as C, distributed, state
 from ..attacks import AttackConfig, build_attack
 from ..checkpoint import CLASSIFIER_KINDS, PURIFIER_KINDS, CheckpointError, load_meta, weights_sha256
 from ..data import DatasetError, load_dataset
@@ -110,20 +109,10 @@ def check_state(ctx: Ctx, d: distributed.Dist) -> None:
     f = ctx.state / "config.json"
     want = eval_config(ctx)
     if f.exists():
-        have = json.loads(f.read_text())
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: saved {have.get(k)!r} vs now {want.get(k)!r}" for k in diff)
-            raise GateError(f"{ctx.state} holds results of a different evaluation ({detail}); "
-                                f"use another --out_dir or delete that folder")
+        state.require_same(json.loads(f.read_text()), want, ctx.state, "use another --out_dir or delete that folder",
+                           GateError)
     elif d.is_main:
-        _atomic_text(f, json.dumps(want, indent=2))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        state.write_json(f, want)
 
 
 # ---- one batch -----------------------------------------------------------------------------------------
@@ -263,7 +252,7 @@ def sanity(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict[str, dict]:
     for key in ("large_budget_not_collapsed", "transfer_beats_white_box"):  # the verdict reads per-image 0/1
         if key in out and "per_image" in out[key]:
             out[key]["outcomes"] = [int(round(v)) for v in out[key]["per_image"]["correct"]]
-    _atomic_text(f, json.dumps(out))
+    state.write_json(f, out, indent=None)
     return out
 
 

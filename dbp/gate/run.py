@@ -23,7 +23,6 @@ gate measures what is served.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
@@ -34,14 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import distributed, repository
+from .. import distributed, repository, state
 from ..attacks import AttackConfig, build_attack
 from ..card import CardError, load_card
 from ..robustness import expected_correct, is_randomized, mean_interval, single_shot
 from . import signing
 from .config import GateConfig, GateError, use_deployed, use_served_purification, validate
 from .policy import load_policy
-from .protocol import Ctx, _atomic_text, build, check_state, eval_batch, eval_config, sanity
+from .protocol import Ctx, build, check_state, eval_batch, eval_config, sanity
 from .report import baseline_block, build_card, summary_table, write_outputs
 from .verdict import evaluate, summary_lines
 
@@ -65,9 +64,7 @@ def load_batch(ctx: Ctx, b: int) -> Optional[dict[str, torch.Tensor]]:
 
 def save_batch(ctx: Ctx, b: int, res: dict[str, torch.Tensor]) -> None:
     f = batch_file(ctx, b)
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-    save_file(res, tmp)
-    os.replace(tmp, f)
+    state.save_atomic(f, lambda tmp: save_file(res, tmp))
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -107,7 +104,7 @@ def run_shard(ctx: Ctx, d: distributed.Dist) -> bool:
 
 def wait_for_ranks(ctx: Ctx, d: distributed.Dist, run_id: str, complete: bool) -> bool:
     """Ranks report through files, not a collective: a barrier would time out on multi-hour imbalances."""
-    _atomic_text(ctx.state / f"status-{run_id}-{d.rank}.json", json.dumps({"complete": complete}))
+    state.write_json(ctx.state / f"status-{run_id}-{d.rank}.json", {"complete": complete})
     if not d.is_main:
         return complete
     files = [ctx.state / f"status-{run_id}-{r}.json" for r in range(d.world_size)]
@@ -152,13 +149,7 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
     f = out / "convergence.json"
     want = eval_config(ctx)
     res = json.loads(f.read_text()) if f.exists() else {"config": want, "points": {}}
-    have = res.get("config")
-    if have != want:
-        detail = ("it does not record its configuration (an older run)" if have is None else ", ".join(
-            f"{k}: saved {have.get(k)!r} vs now {want.get(k)!r}" for k in sorted(set(have) | set(want))
-            if have.get(k) != want.get(k)))
-        raise GateError(f"{f} holds points of a different evaluation ({detail}); use another --out_dir or "
-                            f"delete that file")
+    state.require_same(res.get("config"), want, f, "use another --out_dir or delete that file", GateError)
     x, y = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
     groups = list(dict.fromkeys((s.threat_model, s.norm, s.eps, s.step) for s in ctx.settings))
     todo = [(g, "dwbox", st, 1) for g in groups for st in steps] + [(g, "eot", cfg.steps, k) for g in groups
@@ -174,7 +165,7 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
              else expected_correct(ctx.defense, r.x_adv, y, max(cfg.k, 1), generator=gen))
         res["points"][key] = {"acc": float(c.float().mean()), "ci95": list(mean_interval(c.float())), "n": len(y),
                               "steps": st, "eot": k, "mode": mode, "threat_model": tm, "norm": norm, "eps": eps}
-        _atomic_text(f, json.dumps(res, indent=2))
+        state.write_json(f, res)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, mode, xs, xl in ((axes[0], "dwbox", steps, "PGD steps (DW-box)"),
