@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
 from service.app.core.seeds import derive_seed, image_digest  # noqa: E402
+from service.process import GatewayProcess  # noqa: E402
 
 SAMPLE = ROOT / "service" / "app" / "static" / "samples" / "fashion-test-0000-ankle-boot.png"
 # the bench's own gateway key: the direct path sends the noise seed the gateway derives from the client seed
@@ -118,26 +118,6 @@ async def closed_loop(fn, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def start_gateway(grpc_url: str, repo: Path) -> tuple[subprocess.Popen, str]:
-    port = free_ports(1)[0]
-    env = {**os.environ, "DBP_GATEWAY_TRITON_URLS": grpc_url, "DBP_GATEWAY_PORT": str(port),
-           "DBP_GATEWAY_MODEL_REPOSITORY": str(repo), "DBP_GATEWAY_LOG_LEVEL": "warning",
-           "DBP_GATEWAY_MAX_IN_FLIGHT": "64", "DBP_GATEWAY_SEED_SECRET": SEED_SECRET}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("error: the gateway did not become ready")
-        time.sleep(0.3)
-
-
 def purifier_counts(http_url: str) -> tuple[int, int]:
     """(images, executions) of the purifier so far: their ratio over a phase is its mean batch size."""
     stats = httpx.get(f"http://{http_url}/v2/models/purifier/stats", timeout=10).json()["model_stats"]
@@ -202,12 +182,12 @@ def main(argv=None) -> int:
         h, g, m = free_ports(3)
         with TritonServer(ServerConfig(repo=str(repo), http_port=h, grpc_port=g, metrics_port=m,
                                        run_dir=str(Path(tmp) / "run"), ready_timeout=600)) as triton:
-            gw, url = start_gateway(triton.grpc_url, repo)
+            gw = GatewayProcess({"TRITON_URLS": triton.grpc_url, "MODEL_REPOSITORY": repo, "LOG_LEVEL": "warning",
+                                 "MAX_IN_FLIGHT": 64, "SEED_SECRET": SEED_SECRET}, port=free_ports(1)[0]).start()
             try:
-                res = asyncio.run(measure(args, triton.grpc_url, url, triton.http_url))
+                res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url))
             finally:
-                gw.terminate()
-                gw.wait(30)
+                gw.stop(30)
     res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

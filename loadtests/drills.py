@@ -24,11 +24,10 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,7 +35,8 @@ import httpx
 
 from dbp import repository
 from loadtests.images import UPLOAD_FIELD, load_pngs, render_pngs
-from loadtests.stack import GatewayConfig, GatewayProcess, Stack, http_status
+from loadtests.stack import GatewayConfig, Stack
+from service.process import GatewayProcess, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
 SHED = (429, 503)

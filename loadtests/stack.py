@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,24 +18,9 @@ from typing import Optional
 import psutil
 
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
-from service.stack import stop_process
+from service.process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class StackError(RuntimeError):
-    pass
-
-
-def http_status(url: str, timeout: float = 3.0) -> Optional[int]:
-    """Status code of a GET, None if nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return None
 
 
 def tree_rss(pid: int) -> int:
@@ -66,60 +46,15 @@ class GatewayConfig:
     probe_interval_s: float = 0.5
     extra_env: dict = field(default_factory=dict)  # any other DBP_GATEWAY_* setting
 
-
-class GatewayProcess:
-    """`python -m service` (uvicorn) in its own session, on a free loopback port, settings through the env."""
-
-    def __init__(self, triton_grpc: list[str], cfg: GatewayConfig, repo: Optional[Path], log_path: Path,
-                 port: Optional[int] = None):
-        self.port = port or free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=str(ROOT),
-                   DBP_GATEWAY_TRITON_URLS=",".join(triton_grpc),
-                   DBP_GATEWAY_MAX_IN_FLIGHT=str(cfg.max_in_flight),
-                   DBP_GATEWAY_REQUEST_TIMEOUT_S=str(cfg.request_timeout_s),
-                   DBP_GATEWAY_PROBE_INTERVAL_S=str(cfg.probe_interval_s),
-                   DBP_GATEWAY_LOG_LEVEL="warning", DBP_GATEWAY_HOST="127.0.0.1", DBP_GATEWAY_PORT=str(self.port))
+    def process(self, triton_grpc: list[str], repo: Optional[Path], log_path: Path) -> GatewayProcess:
+        """The gateway with these settings in front of `triton_grpc`, on a free loopback port, logging to log_path."""
+        settings = {"TRITON_URLS": ",".join(triton_grpc), "MAX_IN_FLIGHT": self.max_in_flight,
+                    "REQUEST_TIMEOUT_S": self.request_timeout_s, "PROBE_INTERVAL_S": self.probe_interval_s,
+                    "LOG_LEVEL": "warning"}
         if repo is not None:
-            env["DBP_GATEWAY_MODEL_REPOSITORY"] = str(repo)
-        env.update({k: str(v) for k, v in cfg.extra_env.items()})
-        self.env = env
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, ready_timeout: float = 120.0) -> "GatewayProcess":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise StackError(f"gateway exited with code {self.proc.returncode}; log:\n{self.log_tail()}")
-            if http_status(self.url + "/readyz") == 200:
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StackError(f"gateway not ready after {ready_timeout:.0f} s; log:\n{self.log_tail()}")
-            time.sleep(0.25)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> Optional[int]:
-        if self.proc is None:
-            return None
-        rc = stop_process(self.proc)
-        self._log.close()
-        self.proc = None
-        return rc
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+            settings["MODEL_REPOSITORY"] = repo
+        return GatewayProcess(settings, port=free_ports(1)[0], log_path=log_path,
+                              env={**os.environ, **{k: str(v) for k, v in self.extra_env.items()}})
 
 
 class Stack:
@@ -163,8 +98,8 @@ class Stack:
     def start(self) -> "Stack":
         try:
             self.triton = self._new_triton().start()
-            self.gateway = GatewayProcess([self.triton.grpc_url], self.gateway_cfg, self.repo,
-                                          self.run_dir / "gateway.log").start()
+            self.gateway = self.gateway_cfg.process([self.triton.grpc_url], self.repo,
+                                                    self.run_dir / "gateway.log").start()
         except BaseException:
             self.stop()
             raise
@@ -173,8 +108,8 @@ class Stack:
     def extra_gateway(self, cfg: GatewayConfig) -> GatewayProcess:
         """Another gateway (other settings, e.g. a small in-flight limit) in front of the same Triton."""
         assert self.triton is not None
-        gw = GatewayProcess([self.triton.grpc_url], cfg, self.repo,
-                            self.run_dir / f"gateway-extra{len(self.extra_gateways) + 1}.log")
+        gw = cfg.process([self.triton.grpc_url], self.repo,
+                         self.run_dir / f"gateway-extra{len(self.extra_gateways) + 1}.log")
         self.extra_gateways.append(gw)
         return gw.start()
 

@@ -11,66 +11,21 @@ stopped too and the exit code is 1. This module only runs processes: it imports 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .process import GatewayProcess, ServerProcess, ServerProcessError
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _die_with_parent() -> None:
-    try:  # a killed stack must not leave servers behind
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _get(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
 
 
 def _launcher() -> list[str]:
     script = Path(sys.executable).parent / "dbp-triton"  # console script of dbp.serving.launcher
     return [str(script)] if script.exists() else [sys.executable, "-m", "dbp.serving.launcher"]
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while _get(url) != 200:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout:.0f} s ({url})")
-        time.sleep(0.3)
-
-
-def stop_process(proc: Optional[subprocess.Popen], grace_s: float = 20.0) -> Optional[int]:
-    """SIGTERM (uvicorn and Triton drain and exit), SIGKILL to its whole session if it has not gone after
-    grace_s; the exit code (None for no process). Shared with loadtests.stack."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,36 +49,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rc = 0
     try:
         print(f"starting Triton on {repo} ...", file=sys.stderr, flush=True)
-        triton = subprocess.Popen(
+        triton = ServerProcess(
             _launcher() + ["--repo", str(repo), "--host", a.host, "--http-port", str(http), "--grpc-port", str(grpc),
                            "--metrics-port", str(metrics), "--ready-timeout", str(a.ready_timeout), "--quiet"],
-            cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
-        _wait(f"http://{a.host}:{http}/v2/health/ready", triton, a.ready_timeout + 30, "Triton")
-        env = {**os.environ, "DBP_GATEWAY_TRITON_URLS": f"{a.host}:{grpc}", "DBP_GATEWAY_MODEL_REPOSITORY": str(repo),
-               "DBP_GATEWAY_HOST": a.host, "DBP_GATEWAY_PORT": str(a.port)}
+            name="Triton", ready_url=f"http://{a.host}:{http}/v2/health/ready", stop_grace_s=120)
+        triton.start(a.ready_timeout + 30)
+        settings = {"TRITON_URLS": f"{a.host}:{grpc}", "MODEL_REPOSITORY": repo}
         if a.api_key:
-            env["DBP_GATEWAY_API_KEY"] = a.api_key
+            settings["API_KEY"] = a.api_key
         print("starting the gateway ...", file=sys.stderr, flush=True)
-        gateway = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
-        base = f"http://{a.host}:{a.port}"
-        _wait(base + "/readyz", gateway, a.ready_timeout, "the gateway")
+        gateway = GatewayProcess(settings, host=a.host, port=a.port).start(a.ready_timeout)
+        base = gateway.url
         print(f"\nready:\n  API        {base}  (POST /classify, POST /purify)\n  docs       {base}/docs\n"
               f"  demo page  {base}/\n  metrics    {base}/metrics  (Triton: http://{a.host}:{metrics}/metrics)\n"
               f"  Triton     http {a.host}:{http}  grpc {a.host}:{grpc}\nCtrl-C stops both.", file=sys.stderr,
               flush=True)
         while not stop.wait(0.5):
-            for name, proc in (("gateway", gateway), ("Triton", triton)):
-                if proc.poll() is not None:
-                    print(f"error: {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
+            for name, server in (("gateway", gateway), ("Triton", triton)):
+                if not server.is_alive():
+                    print(f"error: {name} exited with code {server.proc.returncode}; stopping", file=sys.stderr)
                     rc = 1
                     stop.set()
-    except RuntimeError as e:
+    except ServerProcessError as e:
         print(f"error: {e}", file=sys.stderr)
         rc = 1
     finally:
-        g = stop_process(gateway, 20)
-        t = stop_process(triton, 120)
+        g = gateway.stop() if gateway is not None else None
+        t = triton.stop() if triton is not None else None
         print(f"stopped: gateway {g}, Triton {t}", file=sys.stderr, flush=True)
         # uvicorn re-raises the SIGTERM it handled, so -15 after its clean shutdown is a normal stop
         if rc == 0 and (g not in (0, -signal.SIGTERM, None) or t not in (0, None)):

@@ -1,85 +1,53 @@
 """What the gateway tests share (importable as `gateway_testing` from tests/service): the Gateway process
-wrapper (a real uvicorn via `python -m service` on a free loopback port) and image builders.
+wrapper (a real uvicorn via `python -m service` on a free loopback port; service/process.py) and image builders.
 
 png_bytes(size, mode, fmt) builds image files; Gateway.metrics() parses /metrics into {'name{labels}': value}.
 """
 from __future__ import annotations
 
-import collections
 import io
 import os
-import re
-import subprocess
-import sys
-import threading
-import time
+import signal
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import httpx
 import numpy as np
 
-from loadtests.stack import stop_process
+from service.process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("DBP_TEST_ARTEFACTS", ROOT / "runs" / "test-artefacts"))
 GATEWAY_START_TIMEOUT = 60.0
 
 
-class Gateway:
-    """`python -m service` in a subprocess, bound to port 0 on loopback; the port is read from uvicorn's log."""
+class Gateway(GatewayProcess):
+    """`python -m service` bound to port 0 on loopback (the port read from uvicorn's log); `env` holds
+    DBP_GATEWAY_* settings. start() returns once it listens, wait_ready() once /readyz answers 200. Its log is
+    a temporary file, removed when it stops cleanly."""
 
     def __init__(self, env: dict[str, str]):
-        self.env = env
-        self.proc: Optional[subprocess.Popen] = None
-        self.port: Optional[int] = None
-        self._log: collections.deque[str] = collections.deque(maxlen=300)
-        self._port_seen = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, n: int = 60) -> str:
-        return "".join(list(self._log)[-n:])
-
-    def _pump(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in iter(self.proc.stdout.readline, ""):
-            self._log.append(line)
-            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                self._port_seen.set()
+        fd, log = tempfile.mkstemp(prefix="dbp-gateway-", suffix=".log")
+        os.close(fd)
+        super().__init__(env, log_path=Path(log))
 
     def start(self) -> "Gateway":
-        env = {**os.environ, "DBP_GATEWAY_HOST": "127.0.0.1", "DBP_GATEWAY_PORT": "0", **self.env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + GATEWAY_START_TIMEOUT
-        while not self._port_seen.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gateway did not start:\n{self.log_tail()}")
+        super().start(ready_timeout=None)
+        try:
+            self.wait_listening(GATEWAY_START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gateway not ready after {timeout} s:\n{self.log_tail()}")
+        super().wait_ready(timeout)
 
     def stop(self) -> Optional[int]:
-        if self.proc is None:
-            return None
-        rc = stop_process(self.proc)
-        self.proc = None
+        rc = super().stop()
+        if rc in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled: a clean stop
+            self.log_path.unlink(missing_ok=True)
         return rc
 
     def client(self, **kw) -> httpx.Client:
