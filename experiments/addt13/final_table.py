@@ -1,6 +1,6 @@
 """Issue 13: the final table from the cards of experiments/addt13/final.sh, with the paired tests.
 
-  .venv/bin/python experiments/addt13/final_table.py [--runs runs/final] [--copy docs/results/addt13] [--steps 1500]
+  .venv/bin/python -m experiments.addt13.final_table [--runs runs/final] [--copy docs/results/addt13] [--steps 1500]
 
 Reads <runs>/<model>-{linf,l2,linf-dwbox}/card.json for the models base, clean<steps> and addt<steps>
 (linf-dwbox: final.sh PART=linf-dwbox, paired with the base's l_inf card on the same 512 images); prints a markdown table
@@ -19,14 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from dbp.card import load_card  # noqa: E402
-from dbp.paired import NotComparableError, OutcomeRecord, compare, paired_scores  # noqa: E402
+from dbp.card import load_card
+from dbp.paired import NotComparableError, OutcomeRecord, compare, paired_scores
 
 NORMS = ("linf", "l2", "linf-dwbox")
 
@@ -142,7 +139,7 @@ def table(cards: dict[str, dict[str, dict]], runs: Path, models: dict[str, str],
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="experiments/addt13/final_table.py")
+    ap = argparse.ArgumentParser(prog="python -m experiments.addt13.final_table")
     ap.add_argument("--runs", default="runs/final")
     ap.add_argument("--copy", default=None, help="directory to copy the cards and the table into")
     ap.add_argument("--steps", type=int, default=1500, help="the fine-tuning step of the two arms' cards")
