@@ -3,7 +3,7 @@
   dbp.serving.contract     the request contract: settings, validators, vote aggregation. numpy only, no torch,
                            so the gateway (service/) can validate exactly as the models do
   dbp.serving.services     PurifierService / ClassifierService: load a version, run dynamic batches (torch)
-  dbp.serving.triton_glue  triton_execute: pb_utils requests <-> a service (what each model.py calls)
+  dbp.serving.triton_glue  TritonPythonModel (each model.py imports it): pb_utils requests <-> a service
   dbp.serving.launcher     TritonServer, the `dbp-triton` console script (`make up`): the process side
 The repository layout (versions, cards, publishing) is dbp.repository.
 """

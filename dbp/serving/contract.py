@@ -140,6 +140,7 @@ def aggregate_votes(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """[B*k, n] logits of k votes per image (image-major) -> LOGITS, PROBS, LABEL, AGREEMENT per image.
 
     LABEL is the most frequent per-vote argmax; a tie goes to the label with the larger mean probability.
+    Computed in float32; the served dtypes are the model config's (dbp.serving.triton_glue casts to them).
     """
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] % k:
@@ -153,8 +154,8 @@ def aggregate_votes(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
     counts = np.stack([(votes == c).sum(axis=1) for c in range(n)], axis=1)  # [B, n]
     label = np.argmax(counts + 0.5 * mean_probs, axis=1)  # the probability term is < 1 vote: ties only
     agreement = counts[np.arange(len(label)), label] / k
-    return {"LOGITS": per.mean(axis=1).astype(np.float32), "PROBS": mean_probs.astype(np.float32),
-            "LABEL": label.astype(np.int64)[:, None], "AGREEMENT": agreement.astype(np.float32)[:, None]}
+    return {"LOGITS": per.mean(axis=1), "PROBS": mean_probs, "LABEL": label[:, None],
+            "AGREEMENT": agreement[:, None]}
 
 
 # ---- dynamic batches ------------------------------------------------------------------------------
