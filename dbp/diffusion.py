@@ -94,6 +94,28 @@ class Diffusion(nn.Module):
         a = self._bcast(self.abar(t), x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
+    def noise_ratio(self, t: torch.Tensor | int) -> torch.Tensor:
+        """sqrt((1 - abar_t) / abar_t): the std of the noise in x_t / sqrt(abar_t) = x0 + ratio * eps."""
+        a = self.abar(t)
+        return ((1 - a) / a).sqrt()
+
+    def timestep_for_noise_ratio(self, ratio: float) -> int:
+        """The t whose noise_ratio is closest to `ratio`. Gaussian noise of std sigma on [0, 1] pixels is ratio
+        2 sigma in the model range (Carlini et al. 2023's t for randomized smoothing at sigma)."""
+        r = self.noise_ratio(torch.arange(self.num_train_timesteps, device=self.alphas_cumprod.device))
+        if not 0 < ratio <= float(r[-1]):
+            raise ValueError(f"noise ratio must be in (0, {float(r[-1]):.4g}] (t <= {self.num_train_timesteps - 1}), "
+                             f"got {ratio}")
+        return int((r - ratio).abs().argmin())
+
+    def denoise_one_shot(self, eps_model: EpsModel, y: torch.Tensor, t: int) -> torch.Tensor:
+        """x0 estimate from y = x0 + noise_ratio(t) * delta (model range) with ONE eps call: x_t = sqrt(abar_t) y
+        is distributed as the forward process at t, and predict_x0 gives the one-shot (Tweedie) denoising,
+        unclipped."""
+        x_t = self.abar(t).sqrt() * y
+        eps = eps_model(x_t, torch.full((y.shape[0],), t, device=y.device, dtype=torch.long))
+        return self.predict_x0(x_t, t, eps)
+
     def reverse_timesteps(self, t_star: int, num_inference_steps: int) -> list[int]:
         """Timesteps visited from t* with "leading" spacing of stride T // N (method.md §2.1 table)."""
         if not 1 <= num_inference_steps <= self.num_train_timesteps:
