@@ -7,7 +7,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 C = TypeVar("C")
 
@@ -106,18 +106,3 @@ def parse_cli(cls: type[C], argv: Sequence[str] | None = None, presets: Mapping[
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def deployed_default(value: Optional[str], role: str, flag: str, prog: str) -> str:
-    """`value`, or when it is None the weights of the deployed `role` (newest version in model_repository/),
-    said on stderr: the training CLIs' default models, which a fresh clone has."""
-    from . import repository
-
-    if value is not None:
-        return value
-    try:
-        path = str(repository.deployed_weights(role))
-    except repository.RepositoryError as e:
-        raise ConfigError(f"{flag} not given and {e}") from None
-    print(f"{prog}: no {flag} given; using the deployed {role} {path}", file=sys.stderr, flush=True)
-    return path

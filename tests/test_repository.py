@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from dbp import config as C
 from dbp import repository
 from dbp.gate import config as gate
+from training.defaults import deployed_default
 from helpers import MODEL_REPOSITORY, copy_repo_configs, write_card
 
 
@@ -147,8 +147,8 @@ def test_training_clis_default_to_the_deployed_models(tmp_path, monkeypatch, cap
         for v in (1, 3):
             (repo / role / str(v) / "weights").mkdir(parents=True)
     monkeypatch.chdir(clone)
-    assert C.deployed_default("given/ckpt", "purifier", "--purifier", "evaluate") == "given/ckpt"
-    assert C.deployed_default(None, "classifier", "--classifier", "evaluate") == "model_repository/classifier/3/weights"
+    assert deployed_default("given/ckpt", "purifier", "--purifier", "evaluate") == "given/ckpt"
+    assert deployed_default(None, "classifier", "--classifier", "evaluate") == "model_repository/classifier/3/weights"
     assert "evaluate: no --classifier given; using the deployed classifier model_repository/classifier/3" \
         in capsys.readouterr().err
     cfg = gate.GateConfig()
@@ -162,7 +162,7 @@ def test_training_clis_default_to_the_deployed_models(tmp_path, monkeypatch, cap
         shutil.rmtree(repo / role / "1")
         shutil.rmtree(repo / role / "3")
     with pytest.raises(SystemExit) as e:
-        C.deployed_default(None, "purifier", "--init", "run_addt")
+        deployed_default(None, "purifier", "--init", "run_addt")
     assert e.value.code == 2 and "--init not given and no deployed purifier" in capsys.readouterr().err
 
 

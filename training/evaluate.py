@@ -17,6 +17,7 @@ from dbp.data import load_dataset
 from dbp.evaluation import accuracy, predict, purify_batched
 from dbp.models import Purifier, load_classifier, load_unet
 from dbp.runtime import git_commit, set_threads
+from training.defaults import deployed_default
 
 
 @dataclass
@@ -38,8 +39,8 @@ class EvalConfig:
 
 def main(argv=None) -> dict:
     cfg = C.parse_cli(EvalConfig, argv, prog="python -m training.evaluate")
-    cfg.purifier = C.deployed_default(cfg.purifier, "purifier", "--purifier", "evaluate")
-    cfg.classifier = C.deployed_default(cfg.classifier, "classifier", "--classifier", "evaluate")
+    cfg.purifier = deployed_default(cfg.purifier, "purifier", "--purifier", "evaluate")
+    cfg.classifier = deployed_default(cfg.classifier, "classifier", "--classifier", "evaluate")
     for s in cfg.samplers:
         if s not in ("ddim", "ddpm"):
             raise C.ConfigError(f"--samplers: unknown sampler {s!r} (ddim, ddpm)")

@@ -30,6 +30,7 @@ from dbp.nets import load_diffusers_unet, set_dropout
 from dbp.plots import line_plot
 from dbp.runtime import git_commit, set_threads
 from dbp.trainer import LoopConfig, Trainer, constant
+from training.defaults import deployed_default
 
 
 @dataclass
@@ -103,8 +104,8 @@ def validate(cfg: RunConfig) -> None:
 
 def main(argv=None) -> dict:
     cfg = C.parse_cli(RunConfig, argv, PRESETS, prog="python -m training.run_addt")
-    cfg.init = C.deployed_default(cfg.init, "purifier", "--init", "run_addt")
-    cfg.classifier = C.deployed_default(cfg.classifier, "classifier", "--classifier", "run_addt")
+    cfg.init = deployed_default(cfg.init, "purifier", "--init", "run_addt")
+    cfg.classifier = deployed_default(cfg.classifier, "classifier", "--classifier", "run_addt")
     validate(cfg)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
