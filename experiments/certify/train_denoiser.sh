@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/certify/denoiser}
 STEPS=${STEPS:-4000}
 mkdir -p "$(dirname "$OUT")"
-if [ -f "$OUT.pid" ] && kill -0 "$(cat "$OUT.pid")" 2>/dev/null; then
+if [ -f "$OUT.pid" ] && tr '\0' ' ' 2>/dev/null < "/proc/$(cat "$OUT.pid")/cmdline" | grep -q -- "--out_dir $OUT"; then
   echo "already running: pid $(cat "$OUT.pid") (log $OUT.log)"; exit 0
 fi
 nice -n 15 .venv/bin/python -m training.train_diffusion --preset default \
