@@ -67,7 +67,7 @@ def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, pur
     votes: the served maximum VOTES attacked (the repositories' config.pbtxt serve 16), its rows at
     voted_robust (default: robust) on the EoT images."""
     from dbp.gate import signing
-    from dbp.gate.policy import load_policy
+    from dbp.gate.policy import CLAIM_DECLARED, CLAIM_REPORTED, load_policy
     from dbp.paired import OutcomeRecord
 
     pur = {**DEFAULT_PURIFICATION, **(purification or {})}
@@ -85,7 +85,8 @@ def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, pur
                 hits = [10 if o else 0 for o in rec.outcomes]
                 settings.append({
                     "name": name, "threat_model_name": tm, "threat_model": norm, "eps": eps, "step": step,
-                    "mode": md, "n": k, "attack": {"algorithm": "PGD", "steps": steps, "eot": eot if md == "eot" else 1},
+                    "mode": md, "declared": tm == "paper", "votes": 1,
+                    "claim": CLAIM_DECLARED if tm == "paper" else CLAIM_REPORTED, "n": k, "attack": {"algorithm": "PGD", "steps": steps, "eot": eot if md == "eot" else 1},
                     "robust": {"acc": rec.accuracy, "ci95": [0.0, 1.0], "n": k},
                     "worst_case": {"acc": rec.accuracy, "ci95": [0.0, 1.0], "n": k},
                     "robust_expected": ({"acc": sum(hits) / (10 * k), "ci95": [0.0, 1.0], "n": k}

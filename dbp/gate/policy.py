@@ -16,6 +16,9 @@ from typing import Any, Mapping
 
 from ..threat_models import MODES, THREAT_MODELS
 
+# what a card and the receipt say about a setting of a declared / a reported threat model
+CLAIM_DECLARED = "declared threat model: the defence is claimed and judged here"
+CLAIM_REPORTED = "reported: not defended at this budget (measured and shown, judged by non-inferiority only)"
 POLICY_FILE = Path(__file__).resolve().parent / "promotion_policy.json"
 SCHEMA = "dbp.promotion_policy/1"
 FLOOR = {"declared_threat_models": ("paper",), "modes": MODES, "min_steps": 20, "min_eot": 10, "min_k": 10,

@@ -17,6 +17,7 @@ from ..plots import image_grid
 from ..robustness import sanity_flags, summarize, worst_case
 from ..runtime import git_commit
 from .config import GateConfig, GateError, Setting, voted_eot, voted_settings, voted_stream
+from .policy import CLAIM_DECLARED, CLAIM_REPORTED
 from .protocol import Ctx, attack_config, batch_seed, eval_salt, image_seeds
 from .verdict import SCHEMA
 
@@ -132,10 +133,6 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
             card["config"][key] = repository.relative_path(card["config"][key])
     card["binding"] = binding_sha256(card)
     return card
-
-
-CLAIM_DECLARED = "declared threat model: the defence is claimed and judged here"
-CLAIM_REPORTED = "reported: not defended at this budget (measured and shown, judged by non-inferiority only)"
 
 
 def served_votes_block(ctx: Ctx, m: dict[str, torch.Tensor]) -> dict:

@@ -57,7 +57,12 @@ def test_classify_multipart_several_images_with_metadata(gateway, fashion_pngs, 
     # the card of version 1 (whatever the test helpers wrote) is summarised from the repository
     card = json.loads((gateway_repo / "purifier" / "1" / "robustness_card.json").read_text())
     assert body["robustness"]["gate"] == "passed" and body["robustness"]["signed_by"]
-    assert [s["setting"] for s in body["robustness"]["settings"]] == [s["name"] for s in card["settings"]]
+    voted = card["served_votes"]["rows"]  # the served maximum VOTES, attacked too (issue 20)
+    assert [s["setting"] for s in body["robustness"]["settings"]] == [s["name"] for s in card["settings"] + voted]
+    assert body["robustness"]["votes_attacked"] == card["served_votes"]["attacked"] == [1, 16]
+    assert [s["votes"] for s in body["robustness"]["settings"]][-len(voted):] == [16] * len(voted)
+    reported = [s for s in body["robustness"]["settings"] if s["declared"] is False]
+    assert reported and all(s["claim"].startswith("reported: not defended at this budget") for s in reported)
     first = card["settings"][0]
     assert body["robustness"]["settings"][0]["robust_accuracy"] == (first.get("worst_case") or first["robust"])["acc"]
     t = body["timings"]
