@@ -22,11 +22,12 @@ def test_square_queries_the_gateway_and_stays_in_the_ball(gateway_factory):
         model = GatewayModel(client)
         logp = model(x)
         assert logp.shape == (4, 10) and torch.allclose(logp.exp().sum(1), torch.ones(4), atol=1e-3)
-        x_adv = square(model, x, y, n_queries=5)
+        x_adv, used = square(model, x, y, n_queries=5)
     finally:
         client.close()
     assert (x_adv - x).abs().max() <= EPS_LINF + 1e-6
     assert torch.equal(torch.round(x_adv * 255) / 255, x_adv)
-    assert model.calls >= 3 and model.queries >= 4  # the start, the clean check, then iterations on unfooled images
+    assert model.calls >= 2 and model.queries >= 8  # the check above, Square's start, iterations on unfooled images
+    assert ((1 <= used) & (used <= 6)).all() and model.queries == 4 + int(used.sum())
     after = gw.metrics()['dbp_gateway_requests_total{endpoint="/classify",status="200"}']
     assert after - before == model.calls
