@@ -30,6 +30,7 @@ import torch
 from scipy.stats import binomtest, norm
 from torch import nn
 
+from .attacks import frozen_eval
 from .diffusion import Diffusion, PurifyNoise, to_image_range, to_model_range
 from .models import Defense
 
@@ -151,6 +152,14 @@ class SmoothingNoise(nn.Module):
         dev = generator.device if generator is not None else x01.device
         return PurifyNoise(torch.randn(tuple(x01.shape), generator=generator, device=dev).to(x01.device))
 
+    def sample_rows(self, x01: torch.Tensor, rows: int, generator: Optional[torch.Generator] = None) -> PurifyNoise:
+        """The noise of `rows` copies of one image [1,C,H,W], drawn one copy at a time (on the generator's device,
+        moved once): row j is the generator's j-th draw whatever the batching (torch's batched randn orders
+        its draws differently from single draws)."""
+        dev = generator.device if generator is not None else x01.device
+        draws = [torch.randn(tuple(x01.shape[1:]), generator=generator, device=dev) for _ in range(rows)]
+        return PurifyNoise(torch.stack(draws).to(x01.device))
+
     def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if noise is None:
@@ -182,26 +191,18 @@ def sample_counts(model: Defense, x: torch.Tensor, num: int, max_rows: int,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Class counts of the base classifier over `num` noise draws of one image, max_rows rows per batch.
 
-    The draws come from `generator` one image at a time, so the counts depend only on its state and `num`, not
-    on max_rows (torch's batched randn orders its draws differently from b single draws)."""
+    The draws come from `generator` one image at a time (SmoothingNoise.sample_rows), so the counts depend only
+    on its state and `num`, not on max_rows."""
     x = _one_image(x).detach()
     counts: Optional[torch.Tensor] = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            left = num
-            while left > 0:
-                b = min(left, max_rows)
-                xb = x.expand(b, *x.shape[1:])
-                # one draw per row, in order: the noise of row j is the generator's j-th image, whatever max_rows is
-                noise = PurifyNoise.cat([model.purifier.sample_noise(x, generator) for _ in range(b)])
-                logits = model(xb, noise=noise)
-                c = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).cpu()
-                counts = c if counts is None else counts + c
-                left -= b
-    finally:
-        model.train(was_training)
+    with frozen_eval(model), torch.inference_mode():
+        left = num
+        while left > 0:
+            b = min(left, max_rows)
+            logits = model(x.expand(b, *x.shape[1:]), noise=model.purifier.sample_rows(x, b, generator))
+            c = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).cpu()
+            counts = c if counts is None else counts + c
+            left -= b
     return counts if counts is not None else torch.zeros(0, dtype=torch.long)
 
 

@@ -115,7 +115,7 @@ def test_one_shot_denoiser_with_the_oracle_eps_returns_x():
 def test_seeded_noise_is_explicit_and_batching_free():
     """Counts are a function of the generator's seed and n only: the same with max_rows 7 or 64 and one image's
     certificate in certify_batch does not depend on its neighbours; another seed gives other counts. Mutation caught:
-    a fresh generator per batch (counts change with max_rows)."""
+    one batched randn per max_rows batch in SmoothingNoise.sample_rows (counts change with max_rows)."""
     model = smoothed_base(Threshold(0.0), 1.0)
     a = sample_counts(model, X0, 100, 7, torch.Generator().manual_seed(3))
     b = sample_counts(model, X0, 100, 64, torch.Generator().manual_seed(3))
