@@ -166,7 +166,8 @@ class Diffusion(nn.Module):
                checkpoint_budget_bytes: Optional[int] = None) -> torch.Tensor:
         """Diffuse x01 ([0,1], [B,C,H,W]) to t* and run the reverse chain back to an image in [0,1].
 
-        Randomness comes from `noise` if given (bit-for-bit repeatable), else from `generator`.
+        Randomness comes from `noise` (bit-for-bit repeatable) or from `generator`, never both: a caller
+        passing both would believe the generator mattered (diffusers raises for latents + generator too).
         Differentiable in x01. With grad enabled, each UNet call is checkpointed (memory O(one call), one
         extra forward per call) when `grad_checkpoint` is True, or, for "auto", when the chain's estimated
         activations exceed `checkpoint_budget_bytes` (default: a quarter of free memory); see
@@ -174,6 +175,8 @@ class Diffusion(nn.Module):
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if noise is not None and generator is not None:
+            raise ValueError("give purify either `noise` or `generator`, not both")
         if num_inference_steps is None:
             num_inference_steps = self.num_train_timesteps if sampler == "ddpm" else 100
         n_inf = num_inference_steps  # 0 must reach reverse_timesteps' check, not fall back to the default

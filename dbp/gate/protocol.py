@@ -194,8 +194,9 @@ def eval_batch(ctx: Ctx, b: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
                     out[f"grid/{k}/adv"] = res.x_adv[:g_n]
                     with torch.inference_mode():
                         head = None if res.noise is None else res.noise[:g_n]
-                        out[f"grid/{k}/purified"] = defense.purifier(res.x_adv[:g_n], noise=head,
-                                                                     generator=generator(ctx, b, stream + 3))
+                        out[f"grid/{k}/purified"] = defense.purifier(
+                            res.x_adv[:g_n], noise=head, generator=None if head is not None else generator(ctx, b,
+                                                                                                          stream + 3))
         if s.mode == "eot" and s.group in dw_adv:  # DW-box adversarials against the served setting
             out[f"{k}/dwbox-transfer"] = single_shot(defense, dw_adv[s.group][:n_eot], ys,
                                                      generator=generator(ctx, b, stream + 1, eval_salt(ctx)))
