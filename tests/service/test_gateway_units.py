@@ -75,8 +75,21 @@ def test_card_summary_reads_both_card_schemas():
     assert signed["gate"] == "passed" and signed["signed_by"] == "k" and signed["policy_sha256"] == "p"
 
 
-def test_the_gateway_names_the_repository_files_as_dbp_does():
-    """The gateway restates two names of dbp.repository (it may not import dbp): keep them tied."""
+def test_what_the_gateway_restates_of_dbp_is_the_same():
+    """The gateway may not import dbp (its own deployable), so it restates a few names; like diffusers' "Copied
+    from" checker, this ties every one of them to the definition in dbp: the repository's files and model
+    names, the signed card schema, and the tensor names of the served contract."""
     from dbp import repository
+    from dbp.gate.verdict import SCHEMA
+    from dbp.serving import contract
     from service.app import cards
+    from service.app.core.config import Settings
+    from service.app.triton import models
     assert cards.CARD_FILE == repository.CARD_FILE and cards.LEGACY_FILE == repository.LEGACY_FILE
+    assert cards.SIGNED_SCHEMA == SCHEMA
+    s = Settings()
+    assert (s.PURIFIER_MODEL, s.CLASSIFIER_MODEL) == tuple(repository.ROLES)
+    assert (repository.default_repository() / s.ENSEMBLE_MODEL / repository.CONFIG_FILE).exists()
+    assert (models.IMAGES, models.SEED, models.VOTES) == contract.PURIFIER_INPUTS
+    assert (models.PURIFIED,) == contract.PURIFIER_OUTPUTS
+    assert {models.PROBS, models.LABEL, models.AGREEMENT} <= set(contract.CLASSIFIER_OUTPUTS)
