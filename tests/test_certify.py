@@ -269,3 +269,18 @@ def test_denoised_smoothing_on_tiny_real_models(tiny_models, fashion_test):
         assert 0.0 <= c.radius <= cfg.max_radius + 1e-12 and (c.radius > 0) == (not c.abstained)
     again = certify(model, x[1], cfg, torch.Generator().manual_seed(certs[1].seed))
     assert again.counts == certs[1].counts and again.radius == certs[1].radius
+
+
+@pytest.mark.parametrize("kwargs", [dict(sigma=0.0), dict(n=0), dict(n0=0), dict(max_rows=0), dict(alpha=0.0),
+                                    dict(alpha=0.5)])
+def test_bad_settings_are_refused_before_any_sampling(kwargs):
+    """What a serving shell turns into a 4xx: bad sigma, n, n0, max_rows or alpha raise ValueError at construction,
+    and so do a wrong number of seeds and a batch passed as one image. Mutation caught: the alpha range check dropped
+    (alpha = 0.5 would make the 'one-sided' bound two-sided at level 0)."""
+    with pytest.raises(ValueError):
+        SmoothingConfig(**kwargs)
+    model, cfg = smoothed_base(Constant(1), 0.25), SmoothingConfig(sigma=0.25, n0=2, n=4)
+    with pytest.raises(ValueError, match="seeds"):
+        certify_batch(model, torch.zeros(2, 1, 2, 2), cfg, seeds=[1])
+    with pytest.raises(ValueError, match="one image"):
+        certify(model, torch.zeros(2, 1, 2, 2), cfg)
