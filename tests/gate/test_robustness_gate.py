@@ -19,7 +19,7 @@ from dbp.models import Defense, Purifier
 from dbp.robustness import (expected_correct, is_randomized, mean_interval, sanity_flags, single_shot, wilson)
 from training import gate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # 8 images in 2 batches, l_inf, both settings, DDPM with 2 UNet calls: seconds per run, every code path
 EVAL_ARGS = ["--n_images", "8", "--batch_size", "4", "--norms", "linf", "--modes", "dwbox,eot", "--sampler", "ddpm", "--t_star", "100",
