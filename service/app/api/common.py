@@ -1,16 +1,22 @@
-"""What /classify and /purify share: seeds, the per-pair request tensors, metadata and headers."""
-from __future__ import annotations
+"""What /classify and /purify share: the image options, seeds, the per-pair request tensors, metadata and headers.
+
+No `from __future__ import annotations` here: FastAPI reads the dependency's annotations at runtime, and the
+documentation of `seed` is built from the deployment's settings inside `image_options`.
+"""
 
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Annotated, Callable, Literal, Optional
 
 import numpy as np
+from fastapi import Query
 
 from ..cards import CardReader
 from ..core.config import ENV_PREFIX, Settings
 from ..core.errors import ApiError
 from ..core.seeds import SeedPolicy
 from ..images import Decoded
+from ..schemas import SEED_MAX
 from ..triton.models import IMAGES, SEED, VOTES, PairInfo
 from ..triton.pool import TritonPool
 
@@ -35,6 +41,29 @@ def seed_doc(settings: Settings) -> str:
                 "noise")
     return ("image i reports seed + i; the same seed and image repeat the answer on this deployment (the noise "
             "is keyed by a server secret); omitted: the gateway draws one and reports it")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """The query parameters every image route takes: the noise seed and how an upload is made to fit."""
+    seed: Optional[int]
+    convert: bool
+    fit: str
+
+
+def image_options(settings: Settings) -> Callable[..., ImageOptions]:
+    """The dependency that parses ImageOptions; built per deployment because `seed`'s documentation says
+    whether this gateway accepts client seeds."""
+    def options(
+        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
+        convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
+                                       "refuse (422) images that would need it")] = True,
+        fit: Annotated[Literal["pad", "stretch"], Query(description="pad: shrink to fit keeping the aspect "
+                                                        "ratio, centre on black; stretch: resize to exactly the "
+                                                        "model size")] = "pad",
+    ) -> ImageOptions:
+        return ImageOptions(seed, convert, fit)
+    return options
 
 
 def check_seed_allowed(policy: SeedPolicy, seed: Optional[int]) -> None:

@@ -1,16 +1,16 @@
 """POST /classify: purify each image (purifier version N) and classify it (classifier version N)."""
 
 import time
-from typing import Annotated, Literal, Optional
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from ...core.config import Settings
-from ...schemas import SEED_MAX, ClassifyResponse
+from ...schemas import ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
-from ..common import (builder, check_seed_allowed, current_pair, model_info, problem_responses, request_seeds,
-                      robustness, seed_doc, timings, version_headers)
+from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
+                      problem_responses, request_seeds, robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
@@ -25,21 +25,16 @@ def router(settings: Settings) -> APIRouter:
     async def classify(
         request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
         policy: SeedPolicyDep,
-        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
+        opts: Annotated[ImageOptions, Depends(image_options(settings))],
         votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "
                                     "image; the label is their majority, `agreement` its share")] = 1,
-        convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
-                                       "refuse (422) images that would need it")] = True,
-        fit: Annotated[Literal["pad", "stretch"], Query(description="pad: shrink to fit keeping the aspect "
-                                                        "ratio, centre on black; stretch: resize to exactly the "
-                                                        "model size")] = "pad",
     ) -> JSONResponse:
         t0 = time.perf_counter()
-        check_seed_allowed(policy, seed)  # before any decoding or Triton call
+        check_seed_allowed(policy, opts.seed)  # before any decoding or Triton call
         pair = current_pair(pool)
         shape = (pair.channels, pair.height, pair.width)
-        images, decode_s = await read_images(request, cfg, shape, convert, fit)
-        seeds, noise_seeds = request_seeds(policy, seed, images)
+        images, decode_s = await read_images(request, cfg, shape, opts.convert, opts.fit)
+        seeds, noise_seeds = request_seeds(policy, opts.seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
         out = await pool.run("classify", builder(images, noise_seeds, votes, cfg, shape), deadline)
         pair = out.pair

@@ -5,16 +5,16 @@ import time
 from typing import Annotated, Literal, Optional
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...core.config import Settings
 from ...core.errors import ApiError
 from ...images import to_png
-from ...schemas import SEED_MAX, PurifyResponse
+from ...schemas import PurifyResponse
 from ...triton.models import PURIFIED
-from ..common import (builder, check_seed_allowed, current_pair, model_info, problem_responses, request_seeds,
-                      robustness, seed_doc, timings, version_headers)
+from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
+                      problem_responses, request_seeds, robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
@@ -39,26 +39,21 @@ def router(settings: Settings) -> APIRouter:
     async def purify(
         request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, cards: CardsDep,
         policy: SeedPolicyDep,
-        seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
+        opts: Annotated[ImageOptions, Depends(image_options(settings))],
         format: Annotated[Optional[Literal["png", "json"]], Query(description="png (one image only) or json; "
                                                                   "default: png for one image unless Accept "
                                                                   "asks for application/json")] = None,
-        convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
-                                       "refuse (422) images that would need it")] = True,
-        fit: Annotated[Literal["pad", "stretch"], Query(description="pad: shrink to fit keeping the aspect "
-                                                        "ratio, centre on black; stretch: resize to exactly "
-                                                        "the model size")] = "pad",
     ) -> Response:
         t0 = time.perf_counter()
-        check_seed_allowed(policy, seed)  # before any decoding or Triton call
+        check_seed_allowed(policy, opts.seed)  # before any decoding or Triton call
         pair = current_pair(pool)
         shape = (pair.channels, pair.height, pair.width)
-        images, decode_s = await read_images(request, cfg, shape, convert, fit)
+        images, decode_s = await read_images(request, cfg, shape, opts.convert, opts.fit)
         as_json = wants_json(format, request.headers.get("accept", ""), len(images))
         if not as_json and len(images) > 1:
             raise ApiError(422, "bad_parameter", f"format=png returns one image but {len(images)} were sent; "
                            "use format=json")
-        seeds, noise_seeds = request_seeds(policy, seed, images)
+        seeds, noise_seeds = request_seeds(policy, opts.seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
         out = await pool.run("purify", builder(images, noise_seeds, 1, cfg, shape), deadline)
         pair = out.pair
