@@ -1,7 +1,7 @@
 """Gateway overhead and throughput vs calling Triton directly, in one run on the same requests.
 
-  python benchmarks/bench_gateway.py                    # newest version pair of model_repository/
-  python benchmarks/bench_gateway.py --requests 128 --concurrency 16 --sequential 60
+  python -m benchmarks.bench_gateway                  # newest version pair of model_repository/
+  python -m benchmarks.bench_gateway --requests 128 --concurrency 16 --sequential 60
 
 Starts Triton (the project's launcher) on a throwaway copy of the repository holding only its newest
 purifier/classifier pair, and the gateway (`python -m service`, a real uvicorn) in front of it. The
@@ -33,11 +33,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
+from service.app.core.seeds import derive_seed, image_digest
+from service.process import GatewayProcess
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from dbp.serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
-from service.app.core.seeds import derive_seed, image_digest  # noqa: E402
-from service.process import GatewayProcess  # noqa: E402
 
 SAMPLE = ROOT / "service" / "app" / "static" / "samples" / "fashion-test-0000-ankle-boot.png"
 # the bench's own gateway key: the direct path sends the noise seed the gateway derives from the client seed

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +19,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy_support import ROOT
+from gateway_testing import Gateway
 from helpers import FAST_PURIFIER, running_triton
-
-# the gateway tests' wrapper for `python -m service` on a free port (tests/service/gateway_testing.py)
-if str(ROOT / "tests" / "service") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests" / "service"))
-from gateway_testing import Gateway  # noqa: E402
 
 # 5xx answers tolerated while the gateway notices a killed backend (its pool retries a request on the next
 # backend when the chosen one is UNAVAILABLE, so 0 is expected)

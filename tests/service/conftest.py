@@ -1,7 +1,7 @@
 """Real servers for the gateway tests: one tritonserver with the tiny test models for the whole session, and
 gateways run by a real uvicorn (`python -m service`) on free loopback ports.
 
-Fixtures others can reuse (tests/service/...; helpers in tests/service/gateway_testing.py):
+Fixtures others can reuse (tests/service/...; helpers in tests/gateway_testing.py):
   gateway_repo     a temporary model repository: version 1 of the tiny models, fast DDPM settings
   triton           a started TritonServer serving gateway_repo (session; .grpc_url, .stop(), .start())
   gateway_factory  start(urls=[...], wait_ready=True, **settings) -> a running Gateway; settings are

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.process import GatewayProcess
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = Path(os.environ.get("DBP_TEST_ARTEFACTS", ROOT / "runs" / "test-artefacts"))
 GATEWAY_START_TIMEOUT = 60.0
 
