@@ -112,15 +112,20 @@ def _load_file(f: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{f} is corrupt: {type(e).__name__}: {e}") from e
 
 
-def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
-    """`which` = "ema" (falls back to model weights when the checkpoint has no EMA) or "model"."""
+def weights_file(path: str | Path, which: str = "ema") -> Path:
+    """The file of `which` = "ema" (falls back to the model weights when the checkpoint has no EMA) or "model"."""
     path = Path(path)
     f = path / f"{which}.safetensors"
     if which == "ema" and not f.exists():
         f = path / "model.safetensors"
     if not f.exists():
         raise CheckpointError(f"{path}: missing {f.name}")
-    return _load_file(f)
+    return f
+
+
+def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """`which` = "ema" (falls back to model weights when the checkpoint has no EMA) or "model"."""
+    return _load_file(weights_file(path, which))
 
 
 def load_optimizer(path: str | Path) -> dict | None:
@@ -137,12 +142,7 @@ def load_optimizer(path: str | Path) -> dict | None:
 def weights_sha256(path: str | Path, which: str = "ema") -> str:
     """Hash of the weights file a checkpoint serves with: binds a robustness card to exact weights."""
     import hashlib
-    path = Path(path)
-    f = path / f"{which}.safetensors"
-    if which == "ema" and not f.exists():
-        f = path / "model.safetensors"
-    if not f.exists():
-        raise CheckpointError(f"{path}: missing {f.name}")
+    f = weights_file(path, which)
     h = hashlib.sha256()
     with open(f, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
