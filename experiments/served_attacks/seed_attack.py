@@ -117,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from loadtests.stack import GatewayConfig, Stack
 
     t0 = time.monotonic()
+    prov = provenance()  # at the start: the commit and tree the run began from
     with tempfile.TemporaryDirectory(prefix="dbp-seed-attack-") as tmp:
         repo = Path(tmp) / "model_repository"
         version = newest_pair_repo(Path(a.repo), repo)
@@ -159,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "threads": a.threads, "attack_s": attack_s, "wall_s": time.monotonic() - t0,
               "command": shlex.join(["python", "-m", "experiments.served_attacks.seed_attack",
                                      *(sys.argv[1:] if argv is None else argv)]),
-              "provenance": provenance()}
+              "provenance": prov}
     md = markdown(result)
     paths = write_outputs(result, md, Path(a.out_dir), "seed_attack", Path(a.copy_to) if a.copy_to else None)
     print(md)

@@ -124,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()
+    prov = provenance()  # at the start: the commit and tree the run began from
     x, y, idx = heldout(a.n_images, a.data_root)
     yn = y.numpy()
     rows, extra = {}, {}
@@ -175,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "wall_s": time.monotonic() - t0,
               "command": shlex.join(["python", "-m", "experiments.served_attacks.square_attack",
                                      *(sys.argv[1:] if argv is None else argv)]),
-              "provenance": provenance()}
+              "provenance": prov}
     md = markdown(result)
     paths = write_outputs(result, md, Path(a.out_dir), "square_attack", Path(a.copy_to) if a.copy_to else None)
     print(md)
