@@ -209,7 +209,7 @@ def test_the_served_maximum_votes_must_be_attacked(make):
     assert "shown robust accuracy is not its outcomes'" in " ".join(evaluate(card)["reasons"])
 
 
-def test_the_server_refuses_more_votes_than_the_card_attacked(tiny_diffusion_ckpt, tiny_classifier_ckpt):
+def test_the_server_serves_only_the_maximum_votes_the_card_attacked(tiny_diffusion_ckpt, tiny_classifier_ckpt):
     from dbp.card import card_passes_for
     from helpers import DEFAULT_PURIFICATION
 
@@ -217,5 +217,7 @@ def test_the_server_refuses_more_votes_than_the_card_attacked(tiny_diffusion_ckp
     card = synthetic_card(tiny_diffusion_ckpt, tiny_classifier_ckpt, votes=4)
     served = {**DEFAULT_PURIFICATION, "max_votes": "16"}
     ok, why = card_passes_for(card, weights, served)
-    assert not ok and "allows up to 16 VOTES but the card attacked at most 4" in why
+    assert not ok and "allows up to 16 VOTES but the card attacked 4 as the maximum" in why
     assert card_passes_for(card, weights, {**served, "max_votes": "4"})[0]
+    assert not card_passes_for(card, weights, {**served, "max_votes": "2"})[0]  # 2 votes were never attacked
+    assert card_passes_for(card, weights, {**served, "max_votes": "1"})[0]  # one vote: the EoT rows
