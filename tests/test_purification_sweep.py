@@ -1,0 +1,66 @@
+"""experiments.sweeps.purification_sweep (issue 22 item 4) on the tiny models: two points, 4 images, 2 PGD steps.
+A finished point is skipped on rerun and a half-finished one resumes at its first missing measurement; another
+configuration in the same directory is refused; the JSON, the table and both figures are written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dbp.models import load_unet
+from dbp.state import StateMismatch
+from experiments.sweeps import purification_sweep as sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args(ckpts, out, *extra):
+    cls, diff = ckpts
+    return ["--purifier", str(diff), "--classifier", str(cls), "--repository", str(ROOT / "model_repository"),
+            "--n_images", "4", "--n_eot", "2", "--k", "2", "--steps", "2", "--eot", "2", "--batch", "4",
+            "--latency_reps", "1", "--latency_batch", "4", "--points", "t100-n40,t050-n100", "--out", str(out), *extra]
+
+
+def test_steps_for_calls(tiny_diffusion_ckpt):
+    """DDIM N for about {5, 10, 20, 50} UNet calls from t* = 100: exact strides, the served N = 100 for 10."""
+    net = load_unet(tiny_diffusion_ckpt)
+    got = {c: sweep.steps_for_calls(net, 100, "ddim", c) for c in sweep.CALL_TARGETS}
+    assert got == {5: (40, 5), 10: (100, 11), 20: (200, 21), 50: (500, 51)}
+    names = [p["name"] for p in sweep.plan_points(net, {"t_star": 100, "sampler": "ddim", "num_inference_steps": 100})]
+    assert len(names) == 8 and names.count("t100-n100") == 1  # the served point once, in both sweeps
+
+
+def test_sweep_resumes_refuses_and_plots(tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path, monkeypatch):
+    ckpts, out, copy = (tiny_classifier_ckpt, tiny_diffusion_ckpt), tmp_path / "sweep", tmp_path / "docs"
+    res = sweep.main(args(ckpts, out, "--copy", "--copy_to", str(copy)))
+    done = out / "points" / "t100-n40.json"
+    state = json.loads(done.read_text())
+    assert set(state["results"]) == set(sweep.COMPONENTS)
+    assert state["point"]["sweeps"] == ["B"] and not state["point"]["served"] and state["point"]["unet_calls"] == 5
+    assert json.loads((out / "points" / "t050-n100.json").read_text())["point"]["sweeps"] == ["A"]
+    r = state["results"]
+    assert r["clean"]["n"] == 4 and r["eot_linf_8_255"]["n"] == 2 and 0 <= r["dwbox_linf_0.1"]["acc"] <= 1
+    assert -1 <= r["gradient_cosine"]["draws_1"]["mean"] <= 1 and r["latency"]["batch_4"]["ms_per_image"] > 0
+    for name in ("purification_sweep.json", "purification_sweep.md", "sweep_tstar.png", "sweep_steps.png"):
+        assert (out / name).stat().st_size > 0 and (copy / name).exists(), name
+    assert (out / "sweep_tstar.png").read_bytes()[:4] == b"\x89PNG"
+    doc = json.loads((out / "purification_sweep.json").read_text())
+    assert sum(p["results"] is not None for p in doc["points"]) == 2 and len(doc["points"]) == 8
+    assert "t050-n100" in (out / "purification_sweep.md").read_text()
+    assert len(res["points"]) == 8
+
+    # a rerun recomputes nothing; a half-finished point resumes at its missing measurement only
+    calls = []
+    monkeypatch.setattr(sweep, "measure", lambda name, *a, **k: calls.append(name) or state["results"][name])
+    sweep.main(args(ckpts, out))
+    assert calls == []
+    half = dict(state, results={k: v for k, v in state["results"].items() if k != "latency"})
+    (out / "points" / "t100-n40.partial.json").write_text(json.dumps(half))
+    done.unlink()
+    sweep.main(args(ckpts, out))
+    assert calls == ["latency"] and done.exists() and not (out / "points" / "t100-n40.partial.json").exists()
+
+    # another configuration is refused, naming what differs
+    with pytest.raises(StateMismatch, match="steps"):
+        sweep.main(args(ckpts, out, "--steps", "3"))
