@@ -61,6 +61,11 @@ def test_sweep_resumes_refuses_and_plots(tiny_classifier_ckpt, tiny_diffusion_ck
     sweep.main(args(ckpts, out))
     assert calls == ["latency"] and done.exists() and not (out / "points" / "t100-n40.partial.json").exists()
 
+    # the outputs alone, from what is saved
+    (copy / "sweep_steps.png").unlink()
+    sweep.main(args(ckpts, out, "--report_only", "--copy", "--copy_to", str(copy)))
+    assert calls == ["latency"] and (copy / "sweep_steps.png").exists()
+
     # another configuration is refused, naming what differs
     with pytest.raises(StateMismatch, match="steps"):
         sweep.main(args(ckpts, out, "--steps", "3"))

@@ -26,7 +26,8 @@ Intervals: 95%, Wilson for 0/1 outcomes, normal over per-image scores for expect
 Resumable: each measurement of a point is saved atomically as it finishes (points/<name>.partial.json), the point
 as points/<name>.json when all are done; a rerun skips what is saved and refuses a directory holding results of
 another configuration (dbp.state.require_same names the differing keys). Writes <out>/purification_sweep.{json,md},
-<out>/sweep_tstar.png, <out>/sweep_steps.png after every point; --copy puts them in docs/results/sweeps/.
+<out>/sweep_tstar.png, <out>/sweep_steps.png after every point; --copy puts them in docs/results/sweeps/
+(--report_only --copy: from what is saved, measuring nothing, while a run goes on). One run per --out (a lock).
 Only the library's purification and attack code runs here (dbp.models, dbp.attacks, dbp.robustness).
 """
 from __future__ import annotations
@@ -279,10 +280,24 @@ def _read(p: Path) -> Optional[dict]:
 
 def check_dir(out: Path, cfg: dict) -> None:
     """Refuse a directory with results of another configuration (every saved point is checked)."""
-    require_same(_read(out / "config.json"), cfg, out / "config.json", HINT) if (out / "config.json").exists() \
-        else None
+    if (out / "config.json").exists():
+        require_same(_read(out / "config.json"), cfg, out / "config.json", HINT)
     for f in sorted((out / "points").glob("*.json")):
         require_same(json.loads(f.read_text()).get("config"), cfg, f, HINT)
+
+
+def _lock(out: Path):
+    """An exclusive lock on <out>/.lock for the life of the process: two runs on one directory would measure the
+    same points twice."""
+    import fcntl
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"{PROG}: another run is measuring in {out} (it holds {out / '.lock'}); "
+                         f"wait for it, or use --report_only") from None
+    return f
 
 
 def run_point(p: dict, cfg: dict, eps_net, classifier, x, y, a, out: Path) -> dict:
@@ -330,7 +345,7 @@ ACC_ROWS = (("clean", "clean"), ("dwbox_linf_8_255", "DW-box 8/255"), ("dwbox_li
 def markdown(cfg: dict, points: list[dict], done: dict) -> str:
     def cell(r):
         return f"{100 * r['acc']:.1f} [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
-    lines = [f"# Purification sweeps (issue 22 item 4)", "",
+    lines = ["# Purification sweeps (issue 22 item 4)", "",
              f"Version {cfg['version']} (`{cfg['purifier']}`, `{cfg['classifier']}`), served setting "
              f"{cfg['served']}; {cfg['images']} images, PGD-{cfg['steps']}, EoT-{cfg['eot']} on the first "
              f"{cfg['n_eot']} images scored over k={cfg['k']}; latency at {cfg['threads']} thread(s). "
@@ -458,6 +473,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--classifier", default=None, help="a classifier checkpoint dir instead of --version (tests)")
     ap.add_argument("--points", default=None, help="comma-separated: sweeps A/B and/or point names (t100-n100)")
     ap.add_argument("--list", action="store_true", help="print the points and exit")
+    ap.add_argument("--report_only", action="store_true",
+                    help="measure nothing: write the table and figures (and --copy them) from the saved points; "
+                         "safe while a run is going")
     ap.add_argument("--copy", action="store_true", help="copy the outputs to --copy_to")
     ap.add_argument("--copy_to", default=str(ROOT / "docs" / "results" / "sweeps"))
     ap.add_argument("--data_root", default=None)
@@ -477,17 +495,23 @@ def main(argv=None) -> dict:
     todo = select(points, a.points)
     out = Path(a.out)
     check_dir(out, cfg)
+    copy_to = Path(a.copy_to) if a.copy else None
+    if a.report_only:
+        paths = write_outputs(out, cfg, points, copy_to)
+        print("wrote " + ", ".join(map(str, paths)), flush=True)
+        return {"config": cfg, "points": points, "paths": [str(p) for p in paths]}
+    held = _lock(out)
     write_json(out / "config.json", cfg)
     ds = load_fashion_mnist("test", a.data_root)
     idx = list(range(len(ds) - a.n_images, len(ds)))
     x, y = ds.float01(idx), ds.labels[idx].clone()
-    copy_to = Path(a.copy_to) if a.copy else None
     t_start = time.perf_counter()
     for p in todo:
         t0 = time.perf_counter()
         run_point(p, cfg, eps_net, classifier, x, y, a, out)
         print(f"{p['name']}: {time.perf_counter() - t0:.0f} s this run", flush=True)
         write_outputs(out, cfg, points, copy_to)
+    held.close()
     paths = write_outputs(out, cfg, points, copy_to)
     print(f"{len(todo)} point(s) in {time.perf_counter() - t_start:.0f} s; wrote " + ", ".join(map(str, paths)),
           flush=True)
