@@ -42,6 +42,7 @@ def test_sweep_resumes_refuses_and_plots(tiny_classifier_ckpt, tiny_diffusion_ck
     r = state["results"]
     assert r["clean"]["n"] == 4 and r["eot_linf_8_255"]["n"] == 2 and 0 <= r["dwbox_linf_0.1"]["acc"] <= 1
     assert -1 <= r["gradient_cosine"]["draws_1"]["mean"] <= 1 and r["latency"]["batch_4"]["ms_per_image"] > 0
+    assert r["latency"]["batch_4"]["cpu_ms_per_image"] > 0
     for name in ("purification_sweep.json", "purification_sweep.md", "sweep_tstar.png", "sweep_steps.png"):
         assert (out / name).stat().st_size > 0 and (copy / name).exists(), name
     assert (out / "sweep_tstar.png").read_bytes()[:4] == b"\x89PNG"
