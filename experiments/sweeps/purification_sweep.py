@@ -389,11 +389,12 @@ def figure(sweep: str, points: list[dict], done: dict, path: Path) -> Optional[P
     xs = [p[xkey] for p in pts]
     plt = _plt()
     fig, (ax, axl, axc) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, label in ACC_ROWS:
+    dodge = 0.012 * ((max(xs) - min(xs)) or 10)  # the four series side by side, so their intervals stay readable
+    for i, (key, label) in enumerate(ACC_ROWS):
         rs = [done[p["name"]]["results"][key] for p in pts]
         acc = [100 * r["acc"] for r in rs]
         err = [[100 * (r["acc"] - r["ci95"][0]) for r in rs], [100 * (r["ci95"][1] - r["acc"]) for r in rs]]
-        ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=label)
+        ax.errorbar([v + (i - 1.5) * dodge for v in xs], acc, yerr=err, marker="o", capsize=3, label=label)
     for bs, style in ((1, "o-"), (done[pts[0]["name"]]["config"]["latency_batch"], "s--")):
         lat = [done[p["name"]]["results"]["latency"][f"batch_{bs}"] for p in pts]
         line, = axl.plot(xs, [v["ms_per_image"] for v in lat], style, label=f"batch {bs}, wall")
