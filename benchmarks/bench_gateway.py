@@ -11,9 +11,9 @@ the gateway derives from it with the bench's SEED_SECRET to Triton) goes
              gateway would make of it (what a KServe client would send),
   * gateway: POST /classify as a multipart file upload (decode, convert, two pinned calls, JSON).
 Low load: --sequential requests one at a time, alternating direct/gateway; overhead = gateway p50 -
-direct p50 (goal <= 5 ms or <= 5 %, whichever is larger). Concurrency: --requests requests from
+direct p50 (goal <= 3 ms, issue 21; it was 5 ms or 5 %). Concurrency: --requests requests from
 --concurrency concurrent clients, in --rounds rounds of direct, gateway, gateway, direct (drift cancels);
-goal >= 0.9x. Also reported: the purifier's mean batch size per phase (Triton statistics).
+goal >= 0.95x (issue 21; it was 0.9x). Also reported: the purifier's mean batch size per phase (Triton statistics).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "service" / "app" / "static" / "samples" / "fashion-test-0000-ankle-boot.png"
 # the bench's own gateway key: the direct path sends the noise seed the gateway derives from the client seed
 SEED_SECRET = "bench-gateway-seed-secret-" + "0" * 32
+OVERHEAD_GOAL_MS = 3.0  # issue 21: gateway p50 - direct p50 at low load
+THROUGHPUT_GOAL = 0.95  # issue 21: gateway / direct requests per second at --concurrency
 
 
 def newest_pair_repo(src: Path, dst: Path) -> int:
@@ -159,7 +161,7 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str) -> dict:
     overhead = p50["gateway"] - p50["direct"]
     thr = {k: statistics.median(v) for k, v in rates.items()}
     return {"p50_ms": p50, "p95_ms": p95, "overhead_p50_ms": overhead, "overhead_pct": 100 * overhead / p50["direct"],
-            "overhead_goal_ms": max(5.0, 0.05 * p50["direct"]), "throughput_rps": thr, "throughput_runs": rates,
+            "overhead_goal_ms": OVERHEAD_GOAL_MS, "throughput_rps": thr, "throughput_runs": rates,
             "throughput_ratio": thr["gateway"] / thr["direct"], "label": labels.pop(),
             "purifier_mean_batch": batch}
 
@@ -193,13 +195,13 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     ok_o = res["overhead_p50_ms"] <= res["overhead_goal_ms"]
-    ok_t = res["throughput_ratio"] >= 0.9
+    ok_t = res["throughput_ratio"] >= THROUGHPUT_GOAL
     print(f"version pair {version}; load {load_before[0]:.2f} -> {res['loadavg_after'][0]:.2f} on {os.cpu_count()} CPUs")
     print(f"low load p50: direct {res['p50_ms']['direct']:.1f} ms, gateway {res['p50_ms']['gateway']:.1f} ms -> "
           f"overhead {res['overhead_p50_ms']:.2f} ms ({res['overhead_pct']:.1f} %), goal <= "
           f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}")
     print(f"concurrency {args.concurrency}: direct {res['throughput_rps']['direct']:.2f} req/s, gateway "
-          f"{res['throughput_rps']['gateway']:.2f} req/s -> {res['throughput_ratio']:.3f}x, goal >= 0.9x: "
+          f"{res['throughput_rps']['gateway']:.2f} req/s -> {res['throughput_ratio']:.3f}x, goal >= {THROUGHPUT_GOAL}x: "
           f"{'OK' if ok_t else 'MISSED'}; purifier mean batch direct "
           f"{statistics.mean(res['purifier_mean_batch']['direct']):.1f}, gateway "
           f"{statistics.mean(res['purifier_mean_batch']['gateway']):.1f}")

@@ -1,6 +1,6 @@
 """Image files -> float32 [C, H, W] in [0, 1] of the shape the deployed model takes, and back to PNG.
 
-Pure functions, run in a worker thread (Pillow decoding is CPU work that would block the event loop).
+Pure functions; the routes run them in a worker thread unless the images are small (api/uploads.run_sized).
 Every refusal is an ApiError naming the file and the problem; nothing here may raise anything else.
 """
 from __future__ import annotations
@@ -47,6 +47,18 @@ def b64decode(name: str, data: str) -> bytes:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
         raise _bad(name, 422, "bad_base64", f"invalid base64 ({e})") from None
+
+
+def header_pixels(raw: bytes) -> int:
+    """The pixel count an image file's header claims (no pixel is decoded); an unreadable header counts as
+    unbounded, so the caller treats it as large (decode() then gives the error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, h = Image.open(io.BytesIO(raw)).size
+        return w * h
+    except Exception:  # noqa: BLE001 - any failure here is reported by decode()
+        return 1 << 62
 
 
 def decode(name: str, raw: bytes, shape: tuple[int, int, int], max_pixels: int, convert: bool = True,

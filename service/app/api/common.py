@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional
 
 import numpy as np
-from fastapi import Query
+from fastapi import Query, Response
+from pydantic import BaseModel
 
 from ..cards import CardReader
 from ..core.config import ENV_PREFIX, Settings
@@ -54,7 +55,7 @@ class ImageOptions:
 def image_options(settings: Settings) -> Callable[..., ImageOptions]:
     """The dependency that parses ImageOptions; built per deployment because `seed`'s documentation says
     whether this gateway accepts client seeds."""
-    def options(
+    async def options(  # async: a plain def dependency would run in the thread pool (api/deps.py)
         seed: Annotated[Optional[int], Query(ge=0, le=SEED_MAX, description=seed_doc(settings))] = None,
         convert: Annotated[bool, Query(description="convert mode and size to what the model takes; false: "
                                        "refuse (422) images that would need it")] = True,
@@ -132,3 +133,9 @@ def version_headers(pair: PairInfo, with_classifier: bool, t: dict) -> dict[str,
     if with_classifier:
         h["X-Classifier-Version"] = str(pair.version)
     return h
+
+
+def json_response(body: BaseModel, headers: dict[str, str]) -> Response:
+    """The validated response model serialised once by pydantic-core (what JSONResponse(model_dump()) did in two
+    passes: Python objects, then the stdlib encoder)."""
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)

@@ -1,5 +1,9 @@
 """Typed dependency aliases: routes declare what they need; tests may swap any of them through
-`app.dependency_overrides`."""
+`app.dependency_overrides`.
+
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in the thread pool, a thread hand-off
+per dependency per request that the gateway's profile showed on the hot path (benchmarks/profile_gateway.py).
+None of them blocks."""
 from __future__ import annotations
 
 import hmac
@@ -19,23 +23,23 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required on /classify and /purify when the gateway has an API key")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_pool(request: Request) -> TritonPool:
+async def get_pool(request: Request) -> TritonPool:
     return request.app.state.pool
 
 
-def get_metrics(request: Request) -> GatewayMetrics:
+async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-def get_cards(request: Request) -> CardReader:
+async def get_cards(request: Request) -> CardReader:
     return request.app.state.cards
 
 
-def get_seed_policy(request: Request) -> SeedPolicy:
+async def get_seed_policy(request: Request) -> SeedPolicy:
     return request.app.state.seed_policy
 
 
@@ -46,7 +50,7 @@ CardsDep = Annotated[CardReader, Depends(get_cards)]
 SeedPolicyDep = Annotated[SeedPolicy, Depends(get_seed_policy)]
 
 
-def check_api_key(settings: SettingsDep, key: Annotated[Optional[str], Depends(api_key_header)]) -> None:
+async def check_api_key(settings: SettingsDep, key: Annotated[Optional[str], Depends(api_key_header)]) -> None:
     if settings.API_KEY is None:
         return
     expected = settings.API_KEY.get_secret_value().encode()

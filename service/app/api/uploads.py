@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import anyio
 from fastapi import Request
@@ -13,10 +13,13 @@ from starlette.formparsers import MultiPartException
 
 from ..core.config import Settings
 from ..core.errors import ApiError
-from ..images import Decoded, b64decode, decode
+from ..images import Decoded, b64decode, decode, header_pixels
 from ..schemas import ImagesJSON
 
 FIELD = "images"
+# image work on at most this many pixels runs on the event loop (well under 1 ms); more goes to a thread
+INLINE_PIXELS = 65_536
+T = TypeVar("T")
 
 
 def request_body_openapi(settings: Settings) -> dict[str, Any]:
@@ -84,7 +87,11 @@ async def read_files(request: Request, settings: Settings) -> list[tuple[str, by
 
 async def read_images(request: Request, settings: Settings, shape: tuple[int, int, int], convert: bool,
                       fit: str) -> tuple[list[Decoded], float]:
-    """Files -> model-shaped arrays; decoding runs in a worker thread. Returns (images, decode seconds)."""
+    """Files -> model-shaped arrays. Returns (images, decode seconds). Small images (by the pixel count their
+    headers claim, so a small file that inflates to a large image does not count as small) decode on the event
+    loop: a 28x28 PNG takes tens of microseconds, less than the hand-off to a worker thread and back, which the
+    profile showed on every request (benchmarks/profile_gateway.py). Larger ones decode in a worker thread so they
+    never block other requests."""
     files = await read_files(request, settings)
     if len(files) > settings.MAX_IMAGES:
         raise _too_many(len(files), settings.MAX_IMAGES)
@@ -93,5 +100,12 @@ async def read_images(request: Request, settings: Settings, shape: tuple[int, in
     def work() -> list[Decoded]:
         return [decode(name, raw, shape, settings.MAX_PIXELS, convert, fit) for name, raw in files]
 
-    decoded = await anyio.to_thread.run_sync(work)
+    decoded = await run_sized(sum(header_pixels(raw) for _, raw in files), work)
     return decoded, time.perf_counter() - t0
+
+
+async def run_sized(pixels: int, work: Callable[[], T]) -> T:
+    """work() on the event loop when it touches at most INLINE_PIXELS pixels, else in a worker thread."""
+    if pixels <= INLINE_PIXELS:
+        return work()
+    return await anyio.to_thread.run_sync(work)

@@ -4,13 +4,13 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from ...core.config import Settings
 from ...schemas import ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
 from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
-                      problem_responses, request_seeds, robustness, timings, version_headers)
+                      json_response, problem_responses, request_seeds, robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
@@ -28,7 +28,7 @@ def router(settings: Settings) -> APIRouter:
         opts: Annotated[ImageOptions, Depends(image_options(settings))],
         votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "
                                     "image; the label is their majority, `agreement` its share")] = 1,
-    ) -> JSONResponse:
+    ) -> Response:
         t0 = time.perf_counter()
         check_seed_allowed(policy, opts.seed)  # before any decoding or Triton call
         pair = current_pair(pool)
@@ -57,6 +57,6 @@ def router(settings: Settings) -> APIRouter:
         body = ClassifyResponse.model_validate({
             "model": model_info(cfg, pair, True), "purification": pair.purification,
             "robustness": robustness(cards, pair), "votes": votes, "predictions": preds, "timings": t})
-        return JSONResponse(body.model_dump(mode="json"), headers=version_headers(pair, True, t))
+        return json_response(body, version_headers(pair, True, t))
 
     return r

@@ -4,9 +4,8 @@ import base64
 import time
 from typing import Annotated, Literal, Optional
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ...core.config import Settings
 from ...core.errors import ApiError
@@ -14,9 +13,9 @@ from ...images import to_png
 from ...schemas import PurifyResponse
 from ...triton.models import PURIFIED
 from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
-                      problem_responses, request_seeds, robustness, timings, version_headers)
+                      json_response, problem_responses, request_seeds, robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
-from ..uploads import read_images, request_body_openapi
+from ..uploads import read_images, request_body_openapi, run_sized
 
 
 def wants_json(fmt: Optional[str], accept: str, n: int) -> bool:
@@ -58,7 +57,7 @@ def router(settings: Settings) -> APIRouter:
         out = await pool.run("purify", builder(images, noise_seeds, 1, cfg, shape), deadline)
         pair = out.pair
         purified = out.outputs[PURIFIED]
-        pngs = await anyio.to_thread.run_sync(lambda: [to_png(p) for p in purified])
+        pngs = await run_sized(int(purified[0].size) * len(purified), lambda: [to_png(p) for p in purified])
         metrics.triton_duration.labels("/purify").observe(out.triton_s)
         metrics.images.labels("/purify").observe(len(images))
         t = timings(t0, out.triton_s, decode_s)
@@ -78,6 +77,6 @@ def router(settings: Settings) -> APIRouter:
             "images": [{"index": i, "seed": seeds[i], "width": pair.width, "height": pair.height, "mode": mode,
                         "png_base64": base64.b64encode(png).decode(), "input": d.info}
                        for i, (d, png) in enumerate(zip(images, pngs))]})
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        return json_response(body, headers)
 
     return r
