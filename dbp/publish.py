@@ -6,6 +6,7 @@ compared with the deployed version) and then `dbp.repository.publish` (atomic). 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -93,16 +94,83 @@ def check_card(card_path: Path, purifier: Path, classifier: Path, repo: Optional
     return card
 
 
+def build_engine(eps, card: dict, out_dir: Path, onnx: Optional[Path] = None, log=print) -> Path:
+    """out_dir/engine/: the UNet as ONNX (exported from `eps`, the gated torch weights, or the given `onnx` file)
+    and engine.json binding it to the card's purifier weights. Refuses (ExportError) when an engine's eps differ
+    from torch's beyond dbp.serving.engines.TOLERANCE on the fixed parity inputs, for every CPU engine."""
+    import shutil
+
+    from dbp.card import binding_sha256
+    from dbp.serving import engines
+
+    d = Path(out_dir) / engines.ENGINE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / engines.ONNX_FILE
+    try:
+        if onnx is None:
+            sha = engines.export_onnx(eps, path)
+        else:
+            shutil.copyfile(onnx, path)
+            sha = engines.file_sha256(path)
+        parity = {}
+        for name in engines.CPU_ENGINES:
+            parity[name] = engines.check_parity(eps, engines.EngineEpsNet(name, path))
+    except engines.EngineError as e:
+        raise ExportError(f"refusing to export: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the exporter failing is a reason to refuse
+        raise ExportError(f"refusing to export: cannot export the UNet to ONNX: {type(e).__name__}: {e}") from None
+    model = card.get("model") or {}
+    m = engines.manifest(sha, model["purifier_sha256"], model.get("purifier_meta_sha256"), card.get("binding")
+                         or binding_sha256(card), parity)
+    (d / engines.MANIFEST_FILE).write_text(json.dumps(m, indent=2))
+    log("engine ok: " + ", ".join(f"{k} max |d eps| {v:.2g}" for k, v in parity.items())
+        + f" <= {engines.TOLERANCE:g} ({engines.ONNX_FILE} sha256 {sha[:12]})")
+    return d
+
+
 def export(purifier: str | Path, classifier: str | Path, card: str | Path,
-           repo: str | Path = repository.DEFAULT_REPO) -> int:
-    """Returns the version number written for both models."""
+           repo: str | Path = repository.DEFAULT_REPO, onnx: Optional[str | Path] = None) -> int:
+    """Returns the version number written for both models. `onnx`: the purifier's ONNX file to ship instead of
+    exporting one from its weights (checked for parity all the same)."""
+    import tempfile
+
     purifier, classifier, card, repo = Path(purifier), Path(classifier), Path(card), Path(repo)
     try:
         repository.check_layout(repo)
         check_checkpoint(purifier, "purifier")
         check_checkpoint(classifier, "classifier")
-        check_card(card, purifier, classifier, repo)
-        check_interface(repo, *check_models_load(purifier, classifier))
-        return repository.publish(repo, {"purifier": purifier, "classifier": classifier}, card)
+        card_data = check_card(card, purifier, classifier, repo)
+        eps, cls = check_models_load(purifier, classifier)
+        check_interface(repo, eps, cls)
+        with tempfile.TemporaryDirectory(prefix="dbp-engine-") as tmp:
+            engine_dir = build_engine(eps, card_data, Path(tmp), Path(onnx) if onnx else None)
+            return repository.publish(repo, {"purifier": purifier, "classifier": classifier}, card,
+                                      extra_dirs={"purifier": (engine_dir,)})
     except RepositoryError as e:
         raise ExportError(str(e)) from None
+
+
+def attach_engine(version_dir: str | Path, log=print) -> Path:
+    """Add engine/ to a purifier version exported before engines existed: its card must still pass for its
+    weights (the server's check), the ONNX is exported from those weights and checked like export does; written
+    under a temporary name and renamed into place. Returns the engine dir."""
+    import shutil
+    import tempfile
+
+    from dbp.models import load_unet
+    from dbp.serving import engines
+
+    version_dir = Path(version_dir)
+    target = version_dir / engines.ENGINE_DIR
+    if target.exists():
+        raise ExportError(f"{target} exists already")
+    try:
+        card = repository.check_version(version_dir, "purifier")
+    except RepositoryError as e:
+        raise ExportError(str(e)) from None
+    with repository.repo_lock(version_dir.parent.parent), \
+            tempfile.TemporaryDirectory(prefix=".engine-", dir=version_dir) as tmp:
+        built = build_engine(load_unet(version_dir / repository.WEIGHTS_DIR), card, Path(tmp), log=log)
+        os.rename(built, target)
+    log(f"attached {target}")
+    return target

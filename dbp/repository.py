@@ -247,8 +247,10 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(p)
 
 
-def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, provenance: Mapping) -> None:
-    """One version dir under a temporary name: the shell, the serving weights, the card, the provenance."""
+def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, provenance: Mapping,
+                  extra_dirs: tuple[Path, ...] = ()) -> None:
+    """One version dir under a temporary name: the shell, the serving weights, the card, the provenance, and
+    `extra_dirs` copied in by name (the purifier's engine/: ONNX file + its binding, dbp.serving.engines)."""
     from . import checkpoint as ckpt
 
     template = model_dir / MODEL_FILE
@@ -264,6 +266,8 @@ def build_version(tmp: Path, model_dir: Path, ckpt_dir: Path, card_path: Path, p
     shutil.copy2(src, tmp / WEIGHTS_DIR / src.name)
     shutil.copy2(card_path, tmp / CARD_FILE)
     (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2))
+    for d in extra_dirs:
+        shutil.copytree(d, tmp / Path(d).name)
     if ckpt.weights_sha256(tmp / WEIGHTS_DIR) != ckpt.weights_sha256(ckpt_dir):
         raise RepositoryError(f"copy of {src} does not hash like the original")
     _fsync_tree(tmp)
@@ -283,7 +287,8 @@ def relative_path(p: str | Path | None) -> Optional[str]:
 
 
 def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
-            provenance: Mapping[str, Any] | None = None, log=print) -> int:
+            provenance: Mapping[str, Any] | None = None, log=print,
+            extra_dirs: Mapping[str, tuple[Path, ...]] | None = None) -> int:
     """Add sources[role] (checkpoint dirs, already checked) as version N of each role; returns N.
 
     One number for the pair, so purifier/N and classifier/N were exported (and gated) together. Each
@@ -310,7 +315,8 @@ def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
         tmps = {r: d / f"{TMP_PREFIX}{version}-{secrets.token_hex(4)}" for r, d in dirs.items()}
         try:
             for role, tmp in tmps.items():
-                build_version(tmp, dirs[role], Path(sources[role]), Path(card_path), prov)
+                build_version(tmp, dirs[role], Path(sources[role]), Path(card_path), prov,
+                              tuple((extra_dirs or {}).get(role, ())))
             # classifier first: a server that polls in between pairs the old purifier with the new
             # classifier for a moment rather than a new purifier with an old classifier
             for role in sorted(tmps, key=lambda r: r != "classifier"):

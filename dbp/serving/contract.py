@@ -45,6 +45,11 @@ class PurifierSettings:
     max_votes: int = 16
     max_rows: int = 256  # images per torch call; a batch with votes can be 64*16 purifications
     range_tolerance: float = 1e-3  # pixels this far outside [0, 1] are clipped, further is an error
+    engine: str = "torch"  # what evaluates the UNet: one of PURIFIER_ENGINES (dbp.serving.engines)
+
+
+# the purifier's `engine` parameter (config.pbtxt); the chain's arithmetic is dbp.diffusion's whatever the engine
+PURIFIER_ENGINES = ("torch", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt")
 
 
 @dataclass
@@ -74,6 +79,8 @@ def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
     s = cls(**values)
     if getattr(s, "sampler", "ddpm") not in ("ddpm", "ddim"):
         raise ValueError(f"parameter 'sampler' must be 'ddpm' or 'ddim', got {s.sampler!r}")
+    if getattr(s, "engine", "torch") not in PURIFIER_ENGINES:
+        raise ValueError(f"parameter 'engine' must be one of {', '.join(PURIFIER_ENGINES)}, got {s.engine!r}")
     if s.max_votes < 1 or s.max_rows < 1 or s.threads < 0:
         raise ValueError("max_votes and max_rows must be >= 1, threads >= 0")
     return s

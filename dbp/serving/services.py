@@ -77,10 +77,15 @@ class PurifierService:
                                     {"t_star": settings.t_star, "sampler": settings.sampler,
                                      "num_inference_steps": settings.num_inference_steps})
         eps = load_unet(self.version.weights)
-        self.purifier = Purifier(eps, t_star=settings.t_star, sampler=settings.sampler,
-                                 num_inference_steps=settings.num_inference_steps).eval()
         cfg = eps.unet.config
         self.chw = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        self.engine_parity = None  # max |eps_engine - eps_torch| re-measured at load (dbp.serving.engines)
+        if settings.engine != "torch":  # the engine evaluates the UNet; the chain stays dbp.diffusion's
+            from .engines import load_engine
+            eps, self.engine_parity = load_engine(settings.engine, self.version.dir, self.version.card, eps,
+                                                  settings.threads)
+        self.purifier = Purifier(eps, t_star=settings.t_star, sampler=settings.sampler,
+                                 num_inference_steps=settings.num_inference_steps).eval()
         # unseeded rows draw from one instance generator, seeded from the OS
         self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
