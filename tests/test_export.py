@@ -25,6 +25,10 @@ def entries(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
+# each model dir's files besides its versions (the purifier's configs/gpu.pbtxt: deploy/'s GPU engine)
+SHELL = {"purifier": ["config.pbtxt", "configs", "model.py"], "classifier": ["config.pbtxt", "model.py"]}
+
+
 def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt):
     failed = write_card(tmp_path / "failed.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False)
     # a passing card, but computed on other weights (the classifier's hash where the purifier's belongs)
@@ -35,7 +39,7 @@ def test_export_refuses_without_a_passing_card(repo, tmp_path, tiny_diffusion_ck
         with pytest.raises(publish.ExportError, match=msg):
             publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     for model in ("purifier", "classifier"):
-        assert entries(repo / model) == ["config.pbtxt", "model.py"]  # no version, no temp dir
+        assert entries(repo / model) == SHELL[model]  # no version, no temp dir
 
 
 def test_export_cli_errors_name_the_problem(repo, tmp_path, capsys, tiny_diffusion_ckpt, tiny_classifier_ckpt):
@@ -62,7 +66,9 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
             "--repo", str(repo)]
     assert export.main(argv) == 0
     v1 = repo / "purifier" / "1"
-    assert entries(v1) == ["__pycache__", "export.json", "model.py", "robustness_card.json", "weights"]
+    assert entries(v1) == ["__pycache__", "engine", "export.json", "model.py", "robustness_card.json", "weights"]
+    assert entries(v1 / "engine") == ["engine.json", "unet.onnx"]  # the UNet as ONNX, bound to the card's weights
+    assert not (repo / "classifier" / "1" / "engine").exists()
     assert filecmp.cmp(v1 / "model.py", repo / "purifier" / "model.py", shallow=False)
     # only the serving weights: EMA when the checkpoint has it, never the optimizer
     assert entries(v1 / "weights") == ["ema.safetensors", "meta.json"]
@@ -78,12 +84,12 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
 
     assert export.main(argv) == 0 and export.main(argv) == 0
     for model in ("purifier", "classifier"):
-        assert entries(repo / model) == ["2", "3", "config.pbtxt", "model.py"]  # version_policy latest 2
+        assert entries(repo / model) == ["2", "3", *SHELL[model]]  # version_policy latest 2
     # a rollback is deleting the newest dir; the next export continues after the highest remaining one
     shutil.rmtree(repo / "purifier" / "3")
     shutil.rmtree(repo / "classifier" / "3")
     assert export.main(argv) == 0
-    assert entries(repo / "purifier") == ["2", "3", "config.pbtxt", "model.py"]
+    assert entries(repo / "purifier") == ["2", "3", *SHELL["purifier"]]
     assert json.loads((repo / "classifier" / "3" / "export.json").read_text())["version"] == 3
 
 
@@ -103,7 +109,7 @@ def test_export_refuses_weak_or_unbound_cards(repo, tmp_path, tiny_diffusion_ckp
     with pytest.raises(publish.ExportError, match="refusing to export") as e:
         publish.export(tiny_diffusion_ckpt, tiny_classifier_ckpt, card, repo)
     assert words in str(e.value)
-    assert entries(repo / "purifier") == ["config.pbtxt", "model.py"]
+    assert entries(repo / "purifier") == SHELL["purifier"]
 
 
 def _tamper(card: dict, how: str) -> dict:
