@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -56,6 +57,24 @@ def newest_pair_repo(src: Path, dst: Path) -> int:
     shutil.copytree(src, dst, ignore=lambda d, names: [x for x in names if x.isdigit() and x != str(n)
                                                        and Path(d).name in ("purifier", "classifier")])
     return n
+
+
+@contextmanager
+def served_pair(src: Path, prefix: str, **gateway_env):
+    """A real tritonserver over src's newest purifier/classifier pair and a real gateway in front of it, both
+    stopped on exit; yields (triton, gateway, version)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        repo = Path(tmp) / "model_repository"
+        version = newest_pair_repo(Path(src), repo)
+        h, g, m = free_ports(3)
+        with TritonServer(ServerConfig(repo=str(repo), http_port=h, grpc_port=g, metrics_port=m,
+                                       run_dir=str(Path(tmp) / "run"), ready_timeout=600)) as triton:
+            gw = GatewayProcess({"TRITON_URLS": triton.grpc_url, "MODEL_REPOSITORY": repo, "LOG_LEVEL": "warning",
+                                 "SEED_SECRET": SEED_SECRET, **gateway_env}, port=free_ports(1)[0]).start()
+            try:
+                yield triton, gw, version
+            finally:
+                gw.stop(30)
 
 
 def tensor(png: bytes) -> np.ndarray:
@@ -178,18 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "gateway.json"))
     args = p.parse_args(argv)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-        repo = Path(tmp) / "model_repository"
-        version = newest_pair_repo(Path(args.repo), repo)
-        h, g, m = free_ports(3)
-        with TritonServer(ServerConfig(repo=str(repo), http_port=h, grpc_port=g, metrics_port=m,
-                                       run_dir=str(Path(tmp) / "run"), ready_timeout=600)) as triton:
-            gw = GatewayProcess({"TRITON_URLS": triton.grpc_url, "MODEL_REPOSITORY": repo, "LOG_LEVEL": "warning",
-                                 "MAX_IN_FLIGHT": 64, "SEED_SECRET": SEED_SECRET}, port=free_ports(1)[0]).start()
-            try:
-                res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url))
-            finally:
-                gw.stop(30)
+    with served_pair(Path(args.repo), "bench-gateway-", MAX_IN_FLIGHT=64) as (triton, gw, version):
+        res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url))
     res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

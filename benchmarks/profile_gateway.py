@@ -19,16 +19,13 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_gateway import SAMPLE, SEED_SECRET, newest_pair_repo
-from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
-from service.process import GatewayProcess
+from benchmarks.bench_gateway import SAMPLE, served_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,32 +88,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(os.sys.executable).parent / "py-spy")
     if not Path(spy).exists():
-        raise SystemExit("error: py-spy not found (pip install -r requirements-dev.txt)")
+        raise SystemExit("error: py-spy not found (it is pinned in requirements.lock: make venv)")
     png = SAMPLE.read_bytes()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = out.with_suffix(".stacks.txt")
-    with tempfile.TemporaryDirectory(prefix="profile-gateway-") as tmp:
-        repo = Path(tmp) / "model_repository"
-        version = newest_pair_repo(Path(args.repo), repo)
-        h, g, m = free_ports(3)
-        with TritonServer(ServerConfig(repo=str(repo), http_port=h, grpc_port=g, metrics_port=m,
-                                       run_dir=str(Path(tmp) / "run"), ready_timeout=600)) as triton:
-            gw = GatewayProcess({"TRITON_URLS": triton.grpc_url, "MODEL_REPOSITORY": repo, "LOG_LEVEL": "warning",
-                                 "SEED_SECRET": SEED_SECRET}, port=free_ports(1)[0]).start()
-            try:
-                asyncio.run(send(gw.url, png, args.seed, 10))  # warm-up: imports, first gRPC channel
-                rec = subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--rate", str(args.rate), "--format",
-                                        "raw", "--output", str(raw), "--nonblocking"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                time.sleep(1.0)
-                per_request = asyncio.run(send(gw.url, png, args.seed, args.requests))
-                rec.send_signal(signal.SIGINT)
-                _, err = rec.communicate(timeout=60)
-                if not raw.exists():
-                    raise SystemExit(f"error: py-spy wrote no profile: {err.decode()[-500:]}")
-            finally:
-                gw.stop(30)
+    with served_pair(Path(args.repo), "profile-gateway-") as (_, gw, version):
+        asyncio.run(send(gw.url, png, args.seed, 10))  # warm-up: imports, first gRPC channel
+        rec = subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--rate", str(args.rate), "--format",
+                                "raw", "--output", str(raw), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        per_request = asyncio.run(send(gw.url, png, args.seed, args.requests))
+        rec.send_signal(signal.SIGINT)
+        _, err = rec.communicate(timeout=60)
+        if not raw.exists():
+            raise SystemExit(f"error: py-spy wrote no profile: {err.decode()[-500:]}")
     res = summarise(raw)
     res.update({"requests": args.requests, "mean_request_ms": per_request * 1000, "version_pair": version,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": os.getloadavg(), "args": vars(args)})
