@@ -192,11 +192,10 @@ def empirical_l2() -> list[dict]:
     vdir = repository.deployed_weights("purifier").parent
     ver = int(vdir.name)
     card = json.loads((vdir / "robustness_card.json").read_text())
-    if True:
-        for s in card["settings"]:
-            if s.get("threat_model") == "l2" and "robust" in s:
-                out.append({"version": ver, "setting": s["name"], "eps": s["eps"], "acc": s["robust"]["acc"],
-                            "ci95": s["robust"]["ci95"], "n": s["robust"]["n"], "protocol": s["robust"]["protocol"]})
+    for s in card["settings"]:
+        if s.get("threat_model") == "l2" and "robust" in s:
+            out.append({"version": ver, "setting": s["name"], "eps": s["eps"], "acc": s["robust"]["acc"],
+                        "ci95": s["robust"]["ci95"], "n": s["robust"]["n"], "protocol": s["robust"]["protocol"]})
     return out
 
 
