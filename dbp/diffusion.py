@@ -16,6 +16,11 @@ from .grad_checkpointing import GradCheckpoint, plan_grad_checkpoint
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps_model(x_t in [-1, 1], t) -> eps
 
+# every sampler purify accepts, with its default num_inference_steps (docs/samplers.md): ddpm/ddim/vpsde read N as
+# the grid of stride T // N (vpsde: Euler-Maruyama step 1/N in continuous time), edm as its number of Heun steps
+SAMPLERS = ("ddpm", "ddim", "vpsde", "edm")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "vpsde": 1000, "edm": 10}
+
 
 def to_model_range(x01: torch.Tensor) -> torch.Tensor:
     return x01 * 2.0 - 1.0
@@ -30,7 +35,9 @@ class PurifyNoise:
     """Every random draw of one purification: what DW-box fixes and what EoT redraws.
 
     forward: [B, C, H, W] noise of the forward jump to t*.
-    reverse: [S, B, C, H, W] per-step ancestral noise (DDPM only; S = reverse steps that add noise).
+    reverse: [S, B, C, H, W] per-step noise, standard normal: DDPM's ancestral noise (S = reverse steps that add
+        noise), VP-SDE's Brownian increments divided by sqrt(step) (S = Euler-Maruyama steps), EDM's churn noise
+        (S = Heun steps, only when S_churn > 0); None for DDIM and EDM without churn.
     """
 
     forward: torch.Tensor
@@ -67,6 +74,7 @@ class Diffusion(nn.Module):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         super().__init__()
         self.num_train_timesteps = num_train_timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end  # the continuous VP-SDE's beta_min/T, beta_max/T
         # float32 linspace and cumprod, exactly as diffusers' DDPMScheduler builds it, so the two agree bit for bit
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -86,7 +94,11 @@ class Diffusion(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise  (model range)."""
-        a = self._bcast(self.abar(t), x0)
+        return self.q_sample_abar(x0, self._bcast(self.abar(t), x0), noise)
+
+    @staticmethod
+    def q_sample_abar(x0: torch.Tensor, a: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The forward jump given alpha-bar itself (a tensor broadcastable to x0; the VP-SDE's continuous one)."""
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
@@ -148,23 +160,56 @@ class Diffusion(nn.Module):
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     # ---- purification -------------------------------------------------------------------------
-    def num_reverse_noises(self, sampler: str, t_star: int, num_inference_steps: int) -> int:
+    def check_settings(self, sampler: str, t_star: int, num_inference_steps: int, s_churn: float = 0.0) -> None:
+        """Raise ValueError for settings purify would refuse (a config's validation calls this)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "edm":
+            if not 1 <= t_star < self.num_train_timesteps:
+                raise ValueError(f"t_star must be in [1, {self.num_train_timesteps - 1}] for edm, got {t_star}")
+            if num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be >= 1 for edm, got {num_inference_steps}")
+        else:
+            steps = self.reverse_timesteps(t_star, num_inference_steps)
+            if sampler == "vpsde" and len(steps) < 2:
+                raise ValueError("vpsde needs t_star > 0 (at least one Euler-Maruyama step)")
+        if s_churn < 0 or (s_churn and sampler != "edm"):
+            raise ValueError(f"s_churn must be >= 0 and is an edm setting, got {s_churn} for {sampler}")
+
+    def n_unet_calls(self, sampler: str, t_star: int, num_inference_steps: int) -> int:
+        """eps-network calls of one purification: DDPM/DDIM one per visited timestep, VP-SDE one per Euler-Maruyama
+        step, EDM 2N - 1 (Heun: two per step, one on the last step to sigma = 0)."""
+        if sampler == "edm":
+            return 2 * num_inference_steps - 1
+        n = len(self.reverse_timesteps(t_star, num_inference_steps))
+        return n - 1 if sampler == "vpsde" else n
+
+    def num_reverse_noises(self, sampler: str, t_star: int, num_inference_steps: int, s_churn: float = 0.0) -> int:
+        if sampler == "edm":
+            return num_inference_steps if s_churn > 0 else 0
         steps = self.reverse_timesteps(t_star, num_inference_steps)
+        if sampler == "vpsde":
+            return len(steps) - 1
         return sum(1 for t in steps if t > 0) if sampler == "ddpm" else 0
 
     def sample_noise(self, shape: tuple[int, ...], sampler: str, t_star: int, num_inference_steps: int,
-                     generator: Optional[torch.Generator] = None, device=None) -> PurifyNoise:
+                     generator: Optional[torch.Generator] = None, device=None, s_churn: float = 0.0) -> PurifyNoise:
         device = device if device is not None else self.alphas_cumprod.device
         fwd = torch.randn(shape, generator=generator, device=device)
-        n = self.num_reverse_noises(sampler, t_star, num_inference_steps)
+        n = self.num_reverse_noises(sampler, t_star, num_inference_steps, s_churn)
         rev = torch.randn((n, *shape), generator=generator, device=device) if n else None
         return PurifyNoise(fwd, rev)
 
     def purify(self, eps_model: EpsModel, x01: torch.Tensor, *, t_star: int = 100, sampler: str = "ddpm",
                num_inference_steps: Optional[int] = None, noise: Optional[PurifyNoise] = None,
                generator: Optional[torch.Generator] = None, grad_checkpoint: GradCheckpoint = "auto",
-               checkpoint_budget_bytes: Optional[int] = None) -> torch.Tensor:
+               checkpoint_budget_bytes: Optional[int] = None, s_churn: float = 0.0,
+               sde_gradient: str = "backprop") -> torch.Tensor:
         """Diffuse x01 ([0,1], [B,C,H,W]) to t* and run the reverse chain back to an image in [0,1].
+
+        sampler: "ddpm" | "ddim" (this module), "vpsde" | "edm" (dbp.samplers, docs/samplers.md; t* = t_star / T
+        in continuous time). s_churn: EDM's S_churn (0: a deterministic reverse chain). sde_gradient: VP-SDE's
+        gradient, "backprop" (exact, through the solver) or "adjoint" (torchsde's stochastic adjoint).
 
         Randomness comes from `noise` (bit-for-bit repeatable) or from `generator`, never both: a caller
         passing both would believe the generator mattered (diffusers raises for latents + generator too).
@@ -173,13 +218,17 @@ class Diffusion(nn.Module):
         activations exceed `checkpoint_budget_bytes` (default: a quarter of free memory); see
         dbp.grad_checkpointing. The gradients are the same either way.
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if noise is not None and generator is not None:
             raise ValueError("give purify either `noise` or `generator`, not both")
         if num_inference_steps is None:
-            num_inference_steps = self.num_train_timesteps if sampler == "ddpm" else 100
+            num_inference_steps = self.num_train_timesteps if sampler == "ddpm" else DEFAULT_STEPS[sampler]
         n_inf = num_inference_steps  # 0 must reach reverse_timesteps' check, not fall back to the default
+        if sampler in ("vpsde", "edm"):
+            return self._purify_continuous(eps_model, x01, sampler, t_star, n_inf, noise, generator, grad_checkpoint,
+                                           checkpoint_budget_bytes, s_churn, sde_gradient)
+        self.check_settings(sampler, t_star, n_inf, s_churn)
         steps = self.reverse_timesteps(t_star, n_inf)
         if noise is None:
             noise = self.sample_noise(tuple(x01.shape), sampler, t_star, n_inf, generator, x01.device)
@@ -203,10 +252,32 @@ class Diffusion(nn.Module):
                 x = self.ddim_step(eps, t, t_prev, x)
         return to_image_range(x)
 
-    def _check_noise(self, noise: PurifyNoise, x01: torch.Tensor, sampler: str, t_star: int, n_inf: int) -> None:
+    def _purify_continuous(self, eps_model, x01, sampler, t_star, n_inf, noise, generator, grad_checkpoint,
+                           checkpoint_budget_bytes, s_churn, sde_gradient) -> torch.Tensor:
+        from . import samplers  # the continuous-time samplers' formulas (it imports torchsde lazily itself)
+
+        self.check_settings(sampler, t_star, n_inf, s_churn)
+        if noise is None:
+            noise = self.sample_noise(tuple(x01.shape), sampler, t_star, n_inf, generator, x01.device, s_churn)
+        self._check_noise(noise, x01, sampler, t_star, n_inf, s_churn)
+        xm = to_model_range(x01)
+        adjoint = sampler == "vpsde" and sde_gradient == "adjoint"  # the adjoint keeps no graph to checkpoint
+        use_ckpt = (torch.is_grad_enabled() and not adjoint
+                    and plan_grad_checkpoint(grad_checkpoint, eps_model, xm, self.n_unet_calls(sampler, t_star, n_inf),
+                                             checkpoint_budget_bytes).use)
+        if sampler == "vpsde":
+            x = samplers.purify_vpsde(self, eps_model, xm, noise, t_star=t_star, num_inference_steps=n_inf,
+                                      use_ckpt=use_ckpt, sde_gradient=sde_gradient)
+        else:
+            x = samplers.purify_edm(self, eps_model, xm, noise, t_star=t_star, num_inference_steps=n_inf,
+                                    s_churn=s_churn, use_ckpt=use_ckpt)
+        return to_image_range(x)
+
+    def _check_noise(self, noise: PurifyNoise, x01: torch.Tensor, sampler: str, t_star: int, n_inf: int,
+                     s_churn: float = 0.0) -> None:
         if noise.forward.shape != x01.shape:
             raise ValueError(f"forward noise shape {tuple(noise.forward.shape)} != input shape {tuple(x01.shape)}")
-        need = self.num_reverse_noises(sampler, t_star, n_inf)
+        need = self.num_reverse_noises(sampler, t_star, n_inf, s_churn)
         have = 0 if noise.reverse is None else noise.reverse.shape[0]
         if have < need or (need and noise.reverse.shape[1:] != x01.shape):
             raise ValueError(f"{sampler} from t*={t_star} with N={n_inf} needs reverse noise [{need}, *{tuple(x01.shape)}], "

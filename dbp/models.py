@@ -9,17 +9,23 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .diffusion import Diffusion, PurifyNoise
+from .diffusion import DEFAULT_STEPS, Diffusion, PurifyNoise
 from .grad_checkpointing import GradCheckpoint, parse_grad_checkpoint, plan_grad_checkpoint
 from .nets import Classifier, EpsNet, build_classifier, build_unet_from_meta
+from .samplers import SDE_GRADIENTS
 
 
 class Purifier(nn.Module):
-    """x in [0,1] -> purified x in [0,1]: forward-noise to t* and reverse with DDPM or DDIM."""
+    """x in [0,1] -> purified x in [0,1]: forward-noise to t* and reverse with DDPM, DDIM, VP-SDE or EDM.
+
+    s_churn: EDM's S_churn (0: deterministic reverse chain). sde_gradient: VP-SDE's gradient, "backprop" (exact,
+    the default for attacks) or "adjoint" (torchsde's stochastic adjoint, O(1) activation memory); docs/samplers.md.
+    """
 
     def __init__(self, eps_net: nn.Module, t_star: int = 100, sampler: str = "ddpm",
                  num_inference_steps: Optional[int] = None, grad_checkpoint: GradCheckpoint = "auto",
-                 checkpoint_budget_mb: Optional[float] = None, channels_last: bool = False):
+                 checkpoint_budget_mb: Optional[float] = None, channels_last: bool = False,
+                 s_churn: float = 0.0, sde_gradient: str = "backprop"):
         super().__init__()
         self.eps_net = eps_net
         # channels_last: the UNet (converted in place) and the chain run in NHWC, which oneDNN's CPU convolutions
@@ -34,13 +40,16 @@ class Purifier(nn.Module):
         self.grad_checkpoint = parse_grad_checkpoint(grad_checkpoint)
         self.checkpoint_budget_mb = checkpoint_budget_mb
         if num_inference_steps is None:
-            num_inference_steps = 1000 if sampler == "ddpm" else 100
+            num_inference_steps = DEFAULT_STEPS.get(sampler, 100)
         self.num_inference_steps = num_inference_steps
-        self.diffusion.reverse_timesteps(t_star, self.num_inference_steps)  # validate settings early
+        self.s_churn, self.sde_gradient = s_churn, sde_gradient
+        self.diffusion.check_settings(sampler, t_star, self.num_inference_steps, s_churn)  # validate settings early
+        if sde_gradient not in SDE_GRADIENTS:
+            raise ValueError(f"sde_gradient must be one of {SDE_GRADIENTS}, got {sde_gradient!r}")
 
     @property
     def n_unet_calls(self) -> int:
-        return len(self.diffusion.reverse_timesteps(self.t_star, self.num_inference_steps))
+        return self.diffusion.n_unet_calls(self.sampler, self.t_star, self.num_inference_steps)
 
     @property
     def checkpoint_budget_bytes(self) -> Optional[int]:
@@ -53,7 +62,7 @@ class Purifier(nn.Module):
 
     def sample_noise(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> PurifyNoise:
         return self.diffusion.sample_noise(tuple(x01.shape), self.sampler, self.t_star, self.num_inference_steps,
-                                           generator, x01.device)
+                                           generator, x01.device, self.s_churn)
 
     def forward(self, x01: torch.Tensor, noise: Optional[PurifyNoise] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -62,7 +71,8 @@ class Purifier(nn.Module):
         return self.diffusion.purify(self.eps_net, x01, t_star=self.t_star, sampler=self.sampler,
                                      num_inference_steps=self.num_inference_steps, noise=noise,
                                      generator=generator, grad_checkpoint=self.grad_checkpoint,
-                                     checkpoint_budget_bytes=self.checkpoint_budget_bytes)
+                                     checkpoint_budget_bytes=self.checkpoint_budget_bytes, s_churn=self.s_churn,
+                                     sde_gradient=self.sde_gradient)
 
 
 class Defense(nn.Module):

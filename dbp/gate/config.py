@@ -144,8 +144,10 @@ def validate(cfg: GateConfig) -> None:
             raise GateError(f"--{name} must be a comma list of distinct values from {known}, got {','.join(vals)}")
     if not all_settings(cfg):
         raise GateError(f"--threat_models {','.join(cfg.threat_models)} has no norm in --norms {','.join(cfg.norms)}")
-    if cfg.sampler is not None and cfg.sampler not in ("ddpm", "ddim"):
-        raise GateError(f"--sampler must be ddpm or ddim, got {cfg.sampler!r}")
+    from ..diffusion import SAMPLERS  # here, not at import: this module stays importable without torch
+
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
+        raise GateError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.keep not in ("best", "last"):
         raise GateError(f"--keep must be best or last, got {cfg.keep!r}")
     if cfg.report not in ("card", "convergence"):
