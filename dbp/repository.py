@@ -31,6 +31,12 @@ MODEL_FILE = "model.py"
 CONFIG_FILE = "config.pbtxt"
 TMP_PREFIX = ".export-"  # versions are built under this hidden name, then renamed into place
 ROLES = ("purifier", "classifier")
+# the certified-radius model (randomized smoothing, dbp.certify): certify/<N>/weights is its denoiser UNet,
+# certify/<N>/certify_card.json the card of experiments/certify/card.py bound to that UNet and to the classifier
+# version its config.pbtxt names (`classifier_version`). Optional: served only once a version has weights.
+CERTIFY_MODEL = "certify"
+CERTIFY_CARD_FILE = "certify_card.json"
+OPTIONAL_MODELS = (CERTIFY_MODEL,)
 DEFAULT_REPO = "model_repository"
 
 
@@ -161,6 +167,42 @@ def check_version(version: str | Path, role: str, purification: Optional[Mapping
     if not bound:  # a legacy card still describes exactly these weights and settings
         raise RepositoryError(f"{version}: refusing to serve: {why}")
     return {**card, "gate_status": {"status": "legacy", **entry, "detail": reason}}
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether some numbered version of the model holds a weights/ dir (an optional model without one is not
+    served: the launcher and the Triton image leave it out of the repository Triton sees)."""
+    return any((Path(model_dir) / str(v) / WEIGHTS_DIR).is_dir() for v in versions(model_dir))
+
+
+def unservable_optional_models(repo: str | Path) -> list[str]:
+    """The OPTIONAL_MODELS present in `repo` (a config.pbtxt) that no version with weights backs yet."""
+    return [m for m in OPTIONAL_MODELS
+            if (model_dir(repo, m) / CONFIG_FILE).exists() and not has_weights(model_dir(repo, m))]
+
+
+def check_certify_version(version: str | Path, classifier_weights: str | Path) -> dict[str, Any]:
+    """The certification card of a certify version dir, if its binding names exactly this version's denoiser
+    weights and `classifier_weights` (sha256 of the served weights file, dbp.checkpoint.weights_sha256, as
+    experiments.certify.card binds them); RepositoryError otherwise, so the server refuses the version."""
+    from .checkpoint import weights_sha256
+
+    version = Path(version)
+    path = version / CERTIFY_CARD_FILE
+    try:
+        card = json.loads(path.read_text())
+        bind = card["binding"]
+        want = {"denoiser": bind["unet_sha256"], "classifier": bind["classifier_sha256"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RepositoryError(f"{version}: refusing to serve: no readable certification card {path.name} with a "
+                              f"binding (unet_sha256, classifier_sha256): {type(e).__name__}: {e}; write it with "
+                              "`python -m experiments.certify.card` and copy its card.json there") from None
+    for what, d in (("denoiser", version / WEIGHTS_DIR), ("classifier", Path(classifier_weights))):
+        actual = weights_sha256(d)
+        if actual != want[what]:
+            raise RepositoryError(f"{version}: refusing to serve: the {what} weights in {d} (sha256 {actual[:12]}...) "
+                                  f"are not the weights {path.name} was computed on (sha256 {str(want[what])[:12]}...)")
+    return card
 
 
 def legacy_entry(version: str | Path, role: str, today: Optional[str] = None) -> Optional[dict]:

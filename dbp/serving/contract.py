@@ -28,6 +28,12 @@ PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES")
 PURIFIER_OUTPUTS = ("PURIFIED",)
 CLASSIFIER_INPUTS = ("IMAGES", "VOTES")
 CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT")
+# certify (randomized smoothing, dbp.certify): per image a seed (required: an answer is reproducible) and the
+# request's n, sigma, alpha (the same for every image of a request) -> LABEL (-1 = abstain), RADIUS (l_2, pixels
+# in [0, 1]), P_LOWER (Clopper-Pearson lower bound of p_A), COUNT (c_A's count among n), COUNTS (per class),
+# SECONDS (CERTIFY's wall time for that image)
+CERTIFY_INPUTS = ("IMAGES", "SEED", "N", "SIGMA", "ALPHA")
+CERTIFY_OUTPUTS = ("LABEL", "RADIUS", "P_LOWER", "COUNT", "COUNTS", "SECONDS")
 
 
 class RequestError(ValueError):
@@ -60,6 +66,52 @@ class ClassifierSettings:
     range_tolerance: float = 1e-3
 
 
+@dataclass
+class CertifySettings:
+    sigmas: str = "0.25,0.5"  # the noise levels served (comma-separated); a request must name one of them
+    max_n: int = 2000  # estimation samples per image at most (the cost is linear in n0 + n)
+    n0: int = 32  # selection samples per image, fixed by the deployment
+    classifier_version: int = 2  # the classifier version (in the same repository) the card was computed with
+    threads: int = 1
+    max_rows: int = 256  # noisy images per torch call
+    range_tolerance: float = 1e-3
+
+    @property
+    def sigma_values(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.sigmas.split(",") if v.strip())
+
+
+def certify_request(n: Optional[np.ndarray], sigma: Optional[np.ndarray], alpha: Optional[np.ndarray], batch: int,
+                    settings: CertifySettings) -> tuple[int, float, float]:
+    """(n, sigma, alpha) of a certify request: one value each for the whole request, n in [1, max_n], sigma one of
+    the served sigmas, alpha in (0, 0.5); otherwise a RequestError naming the problem."""
+    def one(v, name, kind):
+        if v is None:
+            raise RequestError(f"missing input {name}")
+        v = np.asarray(v)
+        if not np.issubdtype(v.dtype, kind):
+            raise RequestError(f"{name} must be a{'n integer' if kind is np.integer else ' float'} tensor, "
+                               f"got {v.dtype}")
+        if v.shape not in ((batch, 1), (batch,)):
+            raise RequestError(f"{name} must be [B, 1] = [{batch}, 1], got {_shape(v)}")
+        first = v.reshape(-1)[0]
+        if not np.all(v == first):
+            raise RequestError(f"{name} must be the same for every image of a request")
+        return first
+    k = int(one(n, "N", np.integer))
+    s = float(one(sigma, "SIGMA", np.floating))
+    a = float(one(alpha, "ALPHA", np.floating))
+    if not 1 <= k <= settings.max_n:
+        raise RequestError(f"N must be in [1, {settings.max_n}] (max_n of this model), got {k}")
+    served = settings.sigma_values
+    match = [v for v in served if abs(v - s) <= 1e-6]
+    if not match:
+        raise RequestError(f"SIGMA must be one of the served sigmas {', '.join(f'{v:g}' for v in served)}, got {s:g}")
+    if not (np.isfinite(a) and 0 < a < 0.5):
+        raise RequestError(f"ALPHA must be in (0, 0.5), got {a:g}")
+    return k, match[0], a
+
+
 def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
     """Settings from Triton's model_config JSON; unknown keys and bad values fail the load with a message."""
     if isinstance(model_config, str):
@@ -81,8 +133,17 @@ def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
         raise ValueError(f"parameter 'sampler' must be 'ddpm' or 'ddim', got {s.sampler!r}")
     if getattr(s, "engine", "torch") not in PURIFIER_ENGINES:
         raise ValueError(f"parameter 'engine' must be one of {', '.join(PURIFIER_ENGINES)}, got {s.engine!r}")
-    if s.max_votes < 1 or s.max_rows < 1 or s.threads < 0:
+    if getattr(s, "max_votes", 1) < 1 or s.max_rows < 1 or s.threads < 0:
         raise ValueError("max_votes and max_rows must be >= 1, threads >= 0")
+    if isinstance(s, CertifySettings):
+        try:
+            sigmas = s.sigma_values
+        except ValueError:
+            raise ValueError(f"parameter 'sigmas' must be comma-separated numbers, got {s.sigmas!r}") from None
+        if not sigmas or min(sigmas) <= 0:
+            raise ValueError(f"parameter 'sigmas' must name at least one sigma > 0, got {s.sigmas!r}")
+        if s.max_n < 1 or s.n0 < 1:
+            raise ValueError("max_n and n0 must be >= 1")
     return s
 
 

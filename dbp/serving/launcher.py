@@ -142,13 +142,16 @@ def assemble_backends(run_dir: Path) -> Path:
     return run_dir / "backends"
 
 
-def check_repository(repo: Path) -> None:
+def check_repository(repo: Path) -> list[str]:
     """Fail before launching when a python model has no version (tritonserver's error is vaguer), and give
-    every version's model.py its .pyc (a version dir from git has none; see dbp.repository.ensure_bytecode)."""
+    every version's model.py its .pyc (a version dir from git has none; see dbp.repository.ensure_bytecode).
+    Returns the optional models (dbp.repository.OPTIONAL_MODELS: certify) that no version with weights backs yet;
+    the server is started without them (repository_view)."""
     if not repo.is_dir():
         raise TritonServerError(f"model repository {repo} does not exist")
+    skipped = repository.unservable_optional_models(repo)
     for cfg in sorted(repo.glob("*/config.pbtxt")):
-        if 'backend: "python"' not in cfg.read_text():
+        if 'backend: "python"' not in cfg.read_text() or cfg.parent.name in skipped:
             continue
         versions = [d for d in (cfg.parent / str(v) for v in repository.versions(cfg.parent))
                     if (d / repository.MODEL_FILE).exists()]
@@ -159,6 +162,23 @@ def check_repository(repo: Path) -> None:
                 f"{cfg.parent} has no version directory with a model.py; export one first:\n"
                 "  python -m training.export --purifier <diffusion ckpt dir> --classifier <classifier ckpt dir> "
                 f"--card <card.json> --repo {repo}")
+    return skipped
+
+
+def repository_view(repo: Path, skipped: Sequence[str], run_dir: Path) -> Path:
+    """`repo` as Triton sees it without the `skipped` models: a directory of symlinks to every other top-level
+    entry (model dirs, legacy.json), so polling still sees new versions of the served models. Triton has no
+    option to leave a model directory out, and one that cannot load stops its start."""
+    if not skipped:
+        return repo
+    view = run_dir / "repository"
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for entry in sorted(repo.iterdir()):
+        if entry.name not in skipped:
+            (view / entry.name).symlink_to(entry.resolve())
+    return view
 
 
 # ---- shared-memory regions -----------------------------------------------------------------------
@@ -222,6 +242,8 @@ class TritonServer:
             raise ValueError(f"model_control_mode must be one of {CONTROL_MODES}, got {config.model_control_mode!r}")
         self.config = config
         self.repo = Path(config.repo).resolve()
+        self.served_repo = self.repo  # what Triton is given: a view without unservable optional models (start)
+        self.skipped: list[str] = []
         self.proc: Optional[subprocess.Popen] = None
         self.token = _new_token()
         self.startup_s: Optional[float] = None
@@ -253,7 +275,7 @@ class TritonServer:
     def command(self, backends: Path) -> list[str]:
         c = self.config
         cmd = [str(triton_root() / "bin" / "tritonserver"),
-               f"--model-repository={self.repo}", f"--backend-directory={backends}",
+               f"--model-repository={self.served_repo}", f"--backend-directory={backends}",
                f"--http-address={c.host}", f"--grpc-address={c.host}", f"--metrics-address={c.host}",
                f"--http-port={c.http_port}", f"--grpc-port={c.grpc_port}", f"--metrics-port={c.metrics_port}",
                "--disable-auto-complete-config",
@@ -286,11 +308,15 @@ class TritonServer:
         if self.proc is not None:
             raise TritonServerError("server already started")
         check_environment()
-        check_repository(self.repo)
+        self.skipped = check_repository(self.repo)
         remove_stale_shm_regions()
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="dbp-triton-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.served_repo = repository_view(self.repo, self.skipped, self.run_dir)
+        for m in self.skipped:
+            print(f"note: not serving {self.repo / m}: no version with {repository.WEIGHTS_DIR}/ yet "
+                  f"(docs/certify.md, Serving)", file=sys.stderr, flush=True)
         backends = assemble_backends(self.run_dir)
         self.log_path = self.run_dir / "tritonserver.log"
         t0 = time.monotonic()

@@ -19,8 +19,8 @@ from .. import checkpoint as ckpt
 from .. import repository
 from ..diffusion import PurifyNoise
 from ..models import Purifier, load_classifier, load_unet
-from .contract import (ClassifierSettings, Inputs, PurifierSettings, aggregate_votes, check_images, check_seeds,
-                       check_votes, images_and_batch, serve_batch)
+from .contract import (CertifySettings, ClassifierSettings, Inputs, PurifierSettings, RequestError, aggregate_votes,
+                       certify_request, check_images, check_seeds, check_votes, images_and_batch, serve_batch)
 
 
 @dataclass
@@ -154,6 +154,74 @@ class ClassifierService:
             n = it.x.shape[0]
             res.append(aggregate_votes(logits[off:off + n], it.k))
             off += n
+        return res
+
+    def __call__(self, requests: Sequence[Inputs]) -> list[dict[str, np.ndarray] | Exception]:
+        return serve_batch(self.prepare, self.run, requests)
+
+
+@dataclass
+class CertifyItem:
+    x: Any  # torch [B, C, H, W]
+    seeds: list[int]
+    n: int
+    sigma: float
+    alpha: float
+
+
+class CertifyService:
+    """Randomized smoothing served (dbp.certify): CERTIFY per image with the request's n, sigma (one of the
+    configured sigmas), alpha and the image's explicit seed, n0 fixed by the config. Loads the denoiser UNet from
+    the version dir (weights/) and the classifier version the config names; refuses to start unless the
+    version's certify_card.json is bound to exactly both (dbp.repository.check_certify_version)."""
+
+    def __init__(self, version_dir: str | Path, settings: CertifySettings = CertifySettings()):
+        from ..certify import smoothed_base  # scipy: only this model's stub needs it
+
+        _set_threads(settings.threads)
+        self.settings = settings
+        version_dir = Path(version_dir)
+        self.version = load_version(version_dir, repository.CERTIFY_MODEL, require_card=False)
+        self.classifier_version = load_version(
+            repository.version_dir(version_dir.parent.parent, "classifier", settings.classifier_version),
+            "classifier")
+        self.card = repository.check_certify_version(version_dir, self.classifier_version.weights)
+        unet = load_unet(self.version.weights)
+        classifier = load_classifier(self.classifier_version.weights)
+        cfg = unet.unet.config
+        self.chw = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        # one smoothed base classifier per served sigma (the timestep follows from sigma)
+        self.models = {s: smoothed_base(classifier, s, unet).eval() for s in settings.sigma_values}
+
+    @property
+    def describe(self) -> str:
+        return (f", sigmas {self.settings.sigmas}, n0 {self.settings.n0}, max_n {self.settings.max_n}, classifier "
+                f"v{self.settings.classifier_version}, card bound to both")
+
+    def prepare(self, r: Inputs) -> CertifyItem:
+        x, batch = images_and_batch(r)
+        x = check_images(x, self.chw, 1, self.settings.range_tolerance)
+        seeds = check_seeds(r.get("SEED"), batch)
+        if seeds is None:
+            raise RequestError("missing input SEED: a certificate is computed with an explicit seed per image")
+        n, sigma, alpha = certify_request(r.get("N"), r.get("SIGMA"), r.get("ALPHA"), batch, self.settings)
+        return CertifyItem(torch.from_numpy(x), seeds, n, sigma, alpha)
+
+    def run(self, items: list[CertifyItem]) -> list[dict[str, np.ndarray]]:
+        from ..certify import SmoothingConfig, certify
+
+        res = []
+        for it in items:
+            cfg = SmoothingConfig(sigma=it.sigma, n0=self.settings.n0, n=it.n, alpha=it.alpha,
+                                  max_rows=self.settings.max_rows)
+            certs = [certify(self.models[it.sigma], it.x[b], cfg, torch.Generator().manual_seed(it.seeds[b]))
+                     for b in range(it.x.shape[0])]
+            res.append({"LABEL": np.array([[c.label] for c in certs], dtype=np.int64),
+                        "RADIUS": np.array([[c.radius] for c in certs], dtype=np.float32),
+                        "P_LOWER": np.array([[c.p_a_lower] for c in certs], dtype=np.float32),
+                        "COUNT": np.array([[c.count_a] for c in certs], dtype=np.int64),
+                        "COUNTS": np.array([c.counts for c in certs], dtype=np.int64),
+                        "SECONDS": np.array([[c.seconds] for c in certs], dtype=np.float32)})
         return res
 
     def __call__(self, requests: Sequence[Inputs]) -> list[dict[str, np.ndarray] | Exception]:

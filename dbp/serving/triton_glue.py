@@ -15,8 +15,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .contract import (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, PURIFIER_INPUTS, PURIFIER_OUTPUTS, ClassifierSettings,
-                       PurifierSettings, RequestError, parse_parameters)
+from .contract import (CERTIFY_INPUTS, CERTIFY_OUTPUTS, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, PURIFIER_INPUTS,
+                       PURIFIER_OUTPUTS, CertifySettings, ClassifierSettings, PurifierSettings, RequestError,
+                       parse_parameters)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ ROLES = {
     "purifier": Role(PurifierSettings, "PurifierService", PURIFIER_INPUTS, PURIFIER_OUTPUTS,
                      lambda s: f", {s.purifier.n_unet_calls} UNet calls per purification"),
     "classifier": Role(ClassifierSettings, "ClassifierService", CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, lambda s: ""),
+    "certify": Role(CertifySettings, "CertifyService", CERTIFY_INPUTS, CERTIFY_OUTPUTS, lambda s: s.describe),
 }
 
 
@@ -77,7 +79,7 @@ def triton_execute(pb_utils, service: Callable, requests: Sequence, input_names:
 
 
 class TritonPythonModel:
-    """The purifier or the classifier, by the model's name: its settings from config.pbtxt `parameters`, its
+    """The purifier, the classifier or certify, by the model's name: its settings from config.pbtxt `parameters`, its
     service from the version dir (weights + card), its output dtypes from the config's `output` entries."""
 
     def initialize(self, args):

@@ -123,3 +123,64 @@ class CardReader:
             return path.stat().st_mtime
         except OSError:
             return 0.0
+
+
+CERTIFY_CARD_FILE = "certify_card.json"  # dbp.repository.CERTIFY_CARD_FILE
+
+
+def certify_summary(card: dict, sigma: float) -> Optional[dict]:
+    """The certification card's figures at `sigma` (experiments/certify/card.py's card.json), or None."""
+    cfg = card.get("config") if isinstance(card.get("config"), dict) else {}
+    bind = card.get("binding") if isinstance(card.get("binding"), dict) else {}
+    for s in card.get("sigmas") or []:
+        if not isinstance(s, dict) or _num(s.get("sigma")) is None or abs(float(s["sigma"]) - sigma) > 1e-6:
+            continue
+        acc = s.get("certified_accuracy") if isinstance(s.get("certified_accuracy"), dict) else {}
+        rows = []
+        for r, a in sorted(acc.items(), key=lambda kv: float(kv[0]) if _num_str(kv[0]) else 0.0):
+            if _num_str(r) and isinstance(a, dict):
+                rows.append({"radius": float(r), "accuracy": _num(a.get("acc")), "ci95": _ci(a.get("ci95"))})
+        return {"sigma": sigma, "images": s.get("images") if isinstance(s.get("images"), int) else None,
+                "n0": bind.get("n0", cfg.get("n0")), "n": bind.get("n", cfg.get("n")),
+                "alpha": _num(bind.get("alpha", cfg.get("alpha"))), "certified_accuracy": rows,
+                "abstain": s.get("abstain") if isinstance(s.get("abstain"), int) else None,
+                "denoiser_sha256": bind.get("unet_sha256"), "classifier_sha256": bind.get("classifier_sha256"),
+                "claim": card.get("claim") if isinstance(card.get("claim"), str) else None}
+    return None
+
+
+def _num_str(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class CertifyCardReader:
+    """The certify version's card (MODEL_REPOSITORY/<certify model>/N/certify_card.json), cached by mtime; the
+    server loaded the version only if the card is bound to its weights (dbp.repository.check_certify_version)."""
+
+    def __init__(self, repository: Optional[Path], model: str):
+        self.repository = repository
+        self.model = model
+        self._cache: dict[int, tuple[float, Optional[dict]]] = {}
+
+    def summary(self, version: int, sigma: float) -> Optional[dict]:
+        if self.repository is None:
+            return None
+        path = self.repository / self.model / str(version) / CERTIFY_CARD_FILE
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return None
+        hit = self._cache.get(version)
+        if not hit or hit[0] != mtime:
+            try:
+                card = json.loads(path.read_bytes())
+                hit = (mtime, card if isinstance(card, dict) else None)
+            except (OSError, ValueError) as e:
+                log.warning("cannot read %s: %s", path, e)
+                hit = (mtime, None)
+            self._cache[version] = hit
+        return certify_summary(hit[1], sigma) if hit[1] is not None else None

@@ -1,6 +1,6 @@
 """The gateway app: `uvicorn service.app.main:app` (settings from DBP_GATEWAY_* environment variables).
 
-REST in front of Triton: POST /classify and POST /purify take ordinary image files, GET /livez, /readyz
+REST in front of Triton: POST /classify, POST /purify and POST /certify take ordinary image files, GET /livez, /readyz
 and /metrics serve operations, GET / is the demo page, /docs and /openapi.json document it all.
 No torch and no dbp import here: the gateway talks to Triton over gRPC only.
 """
@@ -13,8 +13,8 @@ from typing import Optional
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .api.routes import classify, demo, health, metrics, purify
-from .cards import CardReader
+from .api.routes import certify, classify, demo, health, metrics, purify
+from .cards import CardReader, CertifyCardReader
 from .core import errors
 from .core.config import Settings, load_settings
 from .core.metrics import GatewayMetrics
@@ -50,10 +50,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = gateway_metrics
     app.state.cards = CardReader(settings.MODEL_REPOSITORY, settings.PURIFIER_MODEL)
+    app.state.certify_cards = CertifyCardReader(settings.MODEL_REPOSITORY, settings.CERTIFY_MODEL)
     app.state.seed_policy = policy_from_settings(settings)  # the key is made once, here, never per request
     errors.install(app)
     app.include_router(classify.router(settings))
     app.include_router(purify.router(settings))
+    app.include_router(certify.router(settings))
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)

@@ -173,3 +173,89 @@ class Liveness(BaseModel):
 class Sample(BaseModel):
     name: str = Field(..., examples=["fashion-0-ankle-boot.png"])
     url: str = Field(..., examples=["/demo/samples/fashion-0-ankle-boot.png"])
+
+
+# ---- POST /certify ----------------------------------------------------------------------------------------
+
+CERTIFY_CLAIM = ("l_2 only: the smoothed classifier g (this sigma, n, alpha) answers `class_name` at every input "
+                 "within l_2 distance `radius` of this image (pixels in [0, 1], the norm over all pixels), with "
+                 "probability >= 1 - alpha over the noise drawn for this answer; no other threat model")
+NOT_CLAIMED = ["any other threat model: l_inf (beyond the l_2 ball it contains: eps * sqrt(pixels)), patches, "
+               "transformations", "a radius larger than `radius`", "g's answer at another n, alpha or sigma",
+               "other weights or preprocessing (a different denoiser or classifier is a different g)",
+               "repeated requests: alpha is per certificate, k tries can find a wrong one with probability up to "
+               "k * alpha"]
+
+
+class CertifyModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    name: str = Field(..., examples=["certify"])
+    version: int = Field(..., examples=[1])
+    classifier_version: Optional[int] = Field(None, description="the classifier version g uses", examples=[2])
+    input_shape: list[int] = Field(..., examples=[[1, 32, 32]])
+    class_names: Optional[list[str]] = Field(None, examples=[["T-shirt/top", "Trouser"]])
+    sigmas: list[float] = Field(..., description="the noise levels served", examples=[[0.25, 0.5]])
+    max_n: int = Field(..., description="the largest n this deployment accepts", examples=[2000])
+    n0: int = Field(..., description="selection samples per image (fixed)", examples=[32])
+
+
+class Certificate(BaseModel):
+    index: int = Field(..., examples=[0])
+    label: int = Field(..., description="the certified class, -1 = abstain", examples=[9])
+    class_name: str = Field(..., description="the certified class's name, or 'abstain'", examples=["Ankle boot"])
+    certified: bool = Field(..., description="false: abstained (p_lower <= 1/2), radius 0, nothing is claimed")
+    radius: float = Field(..., description="certified l_2 radius in pixel units (images in [0, 1])",
+                          examples=[0.5921])
+    p_lower: float = Field(..., description="one-sided (1 - alpha) Clopper-Pearson lower bound of P(h = class)",
+                           examples=[0.9911])
+    count: int = Field(..., description="samples (of n) the selected class got", examples=[2000])
+    counts: dict[str, int] = Field(..., description="estimation counts by class name", examples=[{"Ankle boot": 2000}])
+    n: int = Field(..., examples=[2000])
+    n0: int = Field(..., examples=[32])
+    alpha: float = Field(..., examples=[0.001])
+    sigma: float = Field(..., examples=[0.25])
+    seed: int = Field(..., description=SEED_DOC, examples=[1234])
+    seconds: float = Field(..., description="CERTIFY's time for this image inside Triton", examples=[4.2])
+    certificate: str = Field(..., description="what this answer certifies, in words")
+    input: InputInfo
+
+
+class CertifiedAccuracyAt(BaseModel):
+    radius: float = Field(..., examples=[0.5])
+    accuracy: Optional[float] = Field(None, examples=[0.658])
+    ci95: Optional[list[float]] = Field(None, examples=[[0.615, 0.698]])
+
+
+class CertifyCardSummary(BaseModel):
+    sigma: float = Field(..., examples=[0.25])
+    images: Optional[int] = Field(None, examples=[500])
+    n0: Optional[int] = Field(None, examples=[32])
+    n: Optional[int] = Field(None, description="the card's n (the certified accuracy is for that n)", examples=[320])
+    alpha: Optional[float] = Field(None, examples=[0.001])
+    certified_accuracy: list[CertifiedAccuracyAt] = Field(default_factory=list)
+    abstain: Optional[int] = None
+    denoiser_sha256: Optional[str] = None
+    classifier_sha256: Optional[str] = None
+    claim: Optional[str] = None
+
+
+class CertifyReceipt(BaseModel):
+    certificate: Literal["l_2"] = Field("l_2", description="the only threat model certified")
+    statement: str = Field(CERTIFY_CLAIM)
+    not_claimed: list[str] = Field(default_factory=lambda: list(NOT_CLAIMED))
+    sigma: float = Field(..., examples=[0.25])
+    n: int = Field(..., examples=[2000])
+    n0: int = Field(..., examples=[32])
+    alpha: float = Field(..., examples=[0.001])
+    seeds: str = Field("the noise seed of image i is HMAC(server secret, seed + i, image tensor): a client cannot "
+                       "choose the noise")
+    card: Optional[CertifyCardSummary] = Field(None, description="the version's certification card at this sigma "
+                                               "(null when the gateway has no model repository to read)")
+
+
+class CertifyResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: CertifyModelInfo
+    receipt: CertifyReceipt
+    certificates: list[Certificate]
+    timings: Timings

@@ -285,7 +285,11 @@ def test_triton_image_serves_the_mounted_repository(services):
     repo = next(a.split("=", 1)[1] for a in cmd if a.startswith("--model-repository="))
     host_repo = container_path_to_host(triton, repo)
     assert host_repo == ROOT / "model_repository"
-    assert sorted(p.parent.name for p in host_repo.glob("*/config.pbtxt")) == ["classifier", "purifier", "purify_classify"]
+    assert sorted(p.parent.name for p in host_repo.glob("*/config.pbtxt")) == ["certify", "classifier", "purifier",
+                                                                          "purify_classify"]
+    # certify is optional until its weights are copied in: the entrypoint then hands Triton a view without it
+    entrypoint = (ROOT / "deploy" / "triton" / "entrypoint.sh").read_text()
+    assert 'certify/[0-9]*/weights' in entrypoint and "--model-repository=$view" in entrypoint
     copied = [a.split() for i, a in instructions if i == "COPY"]
     assert ["requirements-serving.txt", "."] in copied, "the image installs the models' own requirements"
     reqs = (ROOT / "requirements-serving.txt").read_text()

@@ -137,7 +137,13 @@ def test_fuzz_from_openapi_no_5xx_no_schema_violation(gateway):
         def run(case):
             # positive_data_acceptance is left out: a schema cannot say "a decodable image", so schema-valid
             # bytes that are no image rightly get a documented 4xx
-            case.call_and_validate(timeout=60, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+            # /certify: this session's Triton has no certify model, so its documented answer is 503 (the route
+            # with a certify model: test_gateway_certify.py)
+            excluded = [schemathesis.checks.positive_data_acceptance] + (
+                [schemathesis.checks.not_a_server_error] if op.path == "/certify" else [])
+            response = case.call_and_validate(timeout=60, excluded_checks=excluded)
+            if op.path == "/certify":
+                assert response.status_code < 500 or response.status_code == 503, response.text
             calls[op.path] = calls.get(op.path, 0) + 1
 
         run()

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     CLASSIFIER_MODEL: str = "classifier"
     ENSEMBLE_MODEL: str = Field("purify_classify", description="its config `parameters` describe the pair's "
                                 "interface (image_shape, class_names); the gateway calls the two models itself")
+    CERTIFY_MODEL: str = Field("certify", description="the certified-radius model (POST /certify); absent from "
+                               "Triton: /certify answers 503, everything else is served")
     MODEL_REPOSITORY: Optional[Path] = Field(None, description="read-only; robustness card summary per version")
 
     # --- time --------------------------------------------------------------------------------------
@@ -52,6 +54,13 @@ class Settings(BaseSettings):
                             "before decoding: a decoded image costs up to 4 bytes per pixel")
     MAX_IMAGES: int = Field(16, ge=1, le=4096, description="per request (also capped by Triton's max_batch_size)")
     MAX_VOTES: int = Field(16, ge=1, le=1024, description="upper bound; the models' own max_votes may be lower")
+    # --- /certify (randomized smoothing): defaults of n, alpha, sigma; the model's max_n may be lower ------
+    CERTIFY_N: int = Field(100, ge=1, le=1_000_000, description="default n (estimation samples per image)")
+    CERTIFY_MAX_N: int = Field(100_000, ge=1, le=1_000_000, description="upper bound of n; the certify model's "
+                               "max_n parameter may be lower (then that is the limit)")
+    CERTIFY_ALPHA: float = Field(0.001, gt=0, lt=0.5, description="default alpha")
+    CERTIFY_SIGMA: Optional[float] = Field(None, gt=0, description="default sigma; unset: the first of the certify "
+                                           "model's sigmas")
 
     # --- access ------------------------------------------------------------------------------------
     API_KEY: Optional[SecretStr] = Field(None, description="when set, /classify and /purify need X-API-Key")

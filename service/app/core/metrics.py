@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 VOTE_BUCKETS = (1, 2, 3, 4, 5, 8, 10, 16, 32)
 AGREEMENT_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .9, .99, 1.0)
-ENDPOINTS = ("/classify", "/purify", "/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
+ENDPOINTS = ("/classify", "/purify", "/certify", "/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
 
 
 class GatewayMetrics:

@@ -14,7 +14,7 @@ from .config import Settings
 from .errors import problem_response
 from .metrics import GatewayMetrics, endpoint_label
 
-LIMITED = ("/classify", "/purify")
+LIMITED = ("/classify", "/purify", "/certify")
 
 
 class GatewayMiddleware:

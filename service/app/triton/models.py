@@ -13,6 +13,10 @@ from typing import Any, Mapping, Optional
 
 IMAGES, SEED, VOTES, PURIFIED = "IMAGES", "SEED", "VOTES", "PURIFIED"
 PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
+# the certify model (dbp.serving.contract.CERTIFY_INPUTS / CERTIFY_OUTPUTS)
+N, SIGMA, ALPHA = "N", "SIGMA", "ALPHA"
+RADIUS, P_LOWER, COUNT, COUNTS, SECONDS = "RADIUS", "P_LOWER", "COUNT", "COUNTS", "SECONDS"
+CERTIFY_OUTPUTS = (LABEL, RADIUS, P_LOWER, COUNT, COUNTS, SECONDS)
 
 
 class InterfaceError(ValueError):
@@ -136,3 +140,40 @@ def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) 
 
 def ready_state(index: list[Mapping[str, Any]], name: str) -> bool:
     return any(m.get("name") == name and m.get("state") == "READY" for m in index)
+
+
+@dataclass(frozen=True)
+class CertifyInfo:
+    """The deployed certify model (newest READY version): its limits and settings from its config `parameters`
+    (sigmas, max_n, n0, classifier_version), the batch limit from max_batch_size, dtypes from its metadata."""
+    version: int
+    sigmas: tuple[float, ...]
+    max_n: int
+    n0: int
+    classifier_version: Optional[int]
+    max_batch: int
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+
+
+def certify_info(version: int, config: Mapping[str, Any], metadata: Mapping[str, Any]) -> CertifyInfo:
+    p = _params(config)
+    try:
+        sigmas = tuple(float(v) for v in (p.get("sigmas") or "").split(",") if v.strip())
+    except ValueError:
+        raise InterfaceError(f"certify parameter sigmas={p.get('sigmas')!r} is not a list of numbers") from None
+    max_n, n0 = _int(p, "max_n"), _int(p, "n0")
+    if not sigmas or not max_n or not n0:
+        raise InterfaceError("the certify model's config must give parameters sigmas, max_n and n0")
+    dtypes = {t["name"]: t["datatype"] for t in list(metadata.get("inputs") or []) + list(metadata.get("outputs") or [])}
+    for name in (IMAGES, SEED, N, SIGMA, ALPHA) + CERTIFY_OUTPUTS:
+        if name not in dtypes:
+            raise InterfaceError(f"tensor {name} is missing from the certify model's metadata")
+    return CertifyInfo(version=version, sigmas=sigmas, max_n=max_n, n0=n0,
+                       classifier_version=_int(p, "classifier_version"),
+                       max_batch=int(config.get("max_batch_size") or 1), dtypes=dtypes)
+
+
+def newest_ready(index: list[Mapping[str, Any]], name: str) -> Optional[int]:
+    vs = [int(m["version"]) for m in index if m.get("name") == name and m.get("state") == "READY"
+          and str(m.get("version", "")).isdigit()]
+    return max(vs) if vs else None

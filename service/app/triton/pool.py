@@ -24,8 +24,8 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from ..core.config import Settings
 from ..core.errors import ApiError
 from ..core.metrics import GatewayMetrics
-from .models import (AGREEMENT, IMAGES, LABEL, PROBS, PURIFIED, SEED, VOTES, InterfaceError, PairInfo, newest_pair,
-                     pair_info, ready_state)
+from .models import (AGREEMENT, CERTIFY_OUTPUTS, IMAGES, LABEL, PROBS, PURIFIED, SEED, VOTES, CertifyInfo,
+                     InterfaceError, PairInfo, certify_info, newest_pair, newest_ready, pair_info, ready_state)
 
 log = logging.getLogger("service.triton")
 MAX_MESSAGE = 2**31 - 1
@@ -47,6 +47,8 @@ class Backend:
     reason: str = "not probed yet"
     pair: Optional[PairInfo] = None
     ensemble_ready: bool = False
+    certify: Optional[CertifyInfo] = None  # the certify model, when loaded (optional: the backend is ready without)
+    certify_reason: str = "not probed yet"
     in_flight: int = 0
     checked_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -58,6 +60,7 @@ class Outcome:
     url: str
     outputs: dict[str, np.ndarray]
     triton_s: float
+    certify: Optional[CertifyInfo] = None
 
 
 def _status(e: InferenceServerException) -> str:
@@ -125,6 +128,10 @@ class TritonPool:
                 log.log(logging.INFO if ready else logging.WARNING, "Triton %s is now %s (%s)", b.url,
                         "ready" if ready else "NOT ready", reason)
             b.ready, b.reason, b.pair, b.ensemble_ready = ready, reason, pair, ens
+            if ready:
+                b.certify, b.certify_reason = await self._read_certify(b)
+            else:
+                b.certify, b.certify_reason = None, reason
             b.checked_at = time.monotonic()
             self.metrics.backend_ready.labels(b.url).set(1 if ready else 0)
 
@@ -148,6 +155,39 @@ class TritonPool:
             c.get_model_metadata(s.CLASSIFIER_MODEL, v, as_json=True))
         return pair_info(n, pc["config"], cc["config"], ec["config"], pm, cm), ens
 
+    async def _read_certify(self, b: Backend) -> tuple[Optional[CertifyInfo], str]:
+        """The certify model's limits, or None and why (absent, not loaded, or describing itself badly); never
+        makes the backend unready: /certify alone answers 503 then."""
+        s, c = self.settings, b.client
+        try:
+            index = (await asyncio.wait_for(c.get_model_repository_index(as_json=True),
+                                            self.settings.PROBE_TIMEOUT_S)).get("models", [])
+            v = newest_ready(index, s.CERTIFY_MODEL)
+            if v is None:
+                states = [f"v{m.get('version')} {m.get('state')}: {m.get('reason') or ''}".strip()
+                          for m in index if m.get("name") == s.CERTIFY_MODEL]
+                return None, (f"model {s.CERTIFY_MODEL!r} is not loaded" +
+                              (f" ({'; '.join(states)})" if states else " (not in Triton's repository)"))
+            cfg, meta = await asyncio.wait_for(asyncio.gather(
+                c.get_model_config(s.CERTIFY_MODEL, str(v), as_json=True),
+                c.get_model_metadata(s.CERTIFY_MODEL, str(v), as_json=True)), self.settings.PROBE_TIMEOUT_S)
+            return certify_info(v, cfg["config"], meta), "ok"
+        except asyncio.TimeoutError:
+            return None, f"no answer within {self.settings.PROBE_TIMEOUT_S:g} s"
+        except InferenceServerException as e:
+            return None, f"{_status(e) or 'error'}: {e.message()}"
+        except Exception as e:  # noqa: BLE001 - any failure means "no certify model here", with its reason
+            return None, f"{type(e).__name__}: {e}"
+
+    def any_certify(self) -> Optional[CertifyInfo]:
+        infos = [b.certify for b in self.ready_backends() if b.certify is not None]
+        return max(infos, key=lambda i: i.version) if infos else None
+
+    def certify_unavailable(self) -> ApiError:
+        why = "; ".join(f"{b.url}: {b.certify_reason}" for b in self.backends)
+        return self.unavailable(f"no Triton backend serves the certify model {self.settings.CERTIFY_MODEL!r} "
+                                f"({why}); /classify and /purify are not affected")
+
     # ---- state for /readyz ----------------------------------------------------------------------------
     def ready_backends(self) -> list[Backend]:
         return [b for b in self.backends if b.ready and b.pair is not None]
@@ -159,8 +199,10 @@ class TritonPool:
     def unavailable(self, detail: str) -> ApiError:
         return ApiError(503, "triton_unavailable", detail, {"Retry-After": str(self.settings.RETRY_AFTER_S)})
 
-    def _order(self) -> list[Backend]:
-        ready = self.ready_backends()
+    def _order(self, certify: bool = False) -> list[Backend]:
+        ready = [b for b in self.ready_backends() if b.certify is not None or not certify]
+        if certify and not ready:
+            raise self.certify_unavailable()
         if not ready:
             reasons = "; ".join(f"{b.url}: {b.reason}" for b in self.backends)
             raise self.unavailable(f"no Triton backend is ready ({reasons})")
@@ -169,7 +211,7 @@ class TritonPool:
         return sorted(rotated, key=lambda b: b.in_flight)  # stable: round robin among equally loaded
 
     # ---- inference ------------------------------------------------------------------------------------
-    def _input(self, pair: PairInfo, name: str, value: np.ndarray) -> InferInput:
+    def _input(self, pair: PairInfo | CertifyInfo, name: str, value: np.ndarray) -> InferInput:
         dt = pair.dtypes.get(name)
         if dt is None:
             raise ApiError(503, "triton_unavailable", f"the deployed model has no input {name}",
@@ -192,14 +234,21 @@ class TritonPool:
         """Run `kind` ("classify" or "purify") on the best ready backend, moving on to the next one if a
         backend turns out to be gone. `build(pair)` returns (purifier inputs dict, votes) for that pair."""
         last: Optional[ApiError] = None
-        for b in self._order():
-            pair = b.pair
-            if pair is None or not b.ready:
+        for b in self._order(certify=kind == "certify"):
+            pair, cert = b.pair, b.certify
+            if pair is None or not b.ready or (kind == "certify" and cert is None):
                 continue
             b.in_flight += 1
             t0 = time.monotonic()
             outcome = "error"
             try:
+                if kind == "certify":  # build(pair, certify info) -> the certify model's inputs
+                    feeds = build(pair, cert)
+                    inputs = [self._input(cert, k, v) for k, v in feeds.items()]
+                    out = await self._call(b, self.settings.CERTIFY_MODEL, cert.version, inputs, CERTIFY_OUTPUTS,
+                                           deadline)
+                    outcome = "ok"
+                    return Outcome(pair, b.url, out, time.monotonic() - t0, cert)
                 feeds, votes = build(pair)
                 inputs = [self._input(pair, k, v) for k, v in feeds.items()]
                 out = await self._call(b, self.settings.PURIFIER_MODEL, pair.version, inputs, [PURIFIED], deadline)
@@ -224,6 +273,13 @@ class TritonPool:
                 if "INVALID_ARGUMENT" in status:
                     outcome = "rejected"
                     raise ApiError(400, "triton_rejected", f"Triton rejected the input: {msg}") from None
+                if kind == "certify" and "UNAVAILABLE" not in status and (
+                        "NOT_FOUND" in status or "unknown model" in msg):
+                    # the certify version went away (unloaded): that backend's pair is still served
+                    outcome = "unavailable"
+                    b.certify, b.certify_reason = None, f"{status}: {msg}"
+                    last = self.certify_unavailable()
+                    continue
                 if "UNAVAILABLE" in status or "NOT_FOUND" in status or "unknown model" in msg:
                     # gone, or the pinned version was unloaded (rollback): re-probe, try the next backend
                     outcome = "unavailable"
