@@ -71,6 +71,10 @@ class CertifySettings:
     sigmas: str = "0.25,0.5"  # the noise levels served (comma-separated); a request must name one of them
     max_n: int = 2000  # estimation samples per image at most (the cost is linear in n0 + n)
     n0: int = 32  # selection samples per image, fixed by the deployment
+    n: int = 320  # the default n: the one the version's card was measured at, so its figures describe the answer
+    # samples (images x (n0 + n)) one request may ask for: what fits the gateway's timeout on this hardware, so a
+    # costly request is refused up front (4xx), never cut off by a timeout
+    max_samples: int = 4096
     classifier_version: int = 2  # the classifier version (in the same repository) the card was computed with
     threads: int = 1
     max_rows: int = 256  # noisy images per torch call
@@ -103,6 +107,10 @@ def certify_request(n: Optional[np.ndarray], sigma: Optional[np.ndarray], alpha:
     a = float(one(alpha, "ALPHA", np.floating))
     if not 1 <= k <= settings.max_n:
         raise RequestError(f"N must be in [1, {settings.max_n}] (max_n of this model), got {k}")
+    if batch * (settings.n0 + k) > settings.max_samples:
+        raise RequestError(f"{batch} images x (n0 {settings.n0} + N {k}) = {batch * (settings.n0 + k)} samples exceed "
+                           f"this model's max_samples {settings.max_samples} per request: send fewer images or a "
+                           "smaller N")
     served = settings.sigma_values
     match = [v for v in served if abs(v - s) <= 1e-6]
     if not match:

@@ -31,6 +31,8 @@ from helpers import copy_repo_configs, running_triton
 COMMITTED = ROOT / "model_repository"
 SECRET = "certify-test-secret-0123456789abcdef0123456789"
 N0, MAX_N = 8, 64
+DEFAULT_N = 24  # the model's `n` parameter: the default when a request names none
+MAX_SAMPLES = 2 * (N0 + 48)  # two images at n = 48 fit exactly; at n = 49 they are refused
 IMAGES = ("fashion-test-0000-ankle-boot.png", "fashion-test-0013-dress.png")
 
 
@@ -58,7 +60,8 @@ def certify_repo(root: Path) -> Path:
     repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "engine", "torch")
     (repo / "purify_classify" / "1").mkdir(exist_ok=True)
     cfg = repo / repository.CERTIFY_MODEL / repository.CONFIG_FILE
-    for key, value in (("max_n", MAX_N), ("n0", N0), ("classifier_version", 2), ("max_rows", 72)):
+    for key, value in (("max_n", MAX_N), ("n0", N0), ("n", DEFAULT_N), ("max_samples", MAX_SAMPLES),
+                       ("classifier_version", 2), ("max_rows", 72)):
         repository.set_parameter(cfg, key, value)
     v = repo / repository.CERTIFY_MODEL / "1"
     v.mkdir()
@@ -187,7 +190,9 @@ def test_receipt_states_l2_certificate(cert_gateway, fashion_pngs):
 
 
 def test_limits_refused_before_triton(cert_gateway, fashion_pngs):
-    """(b) n above max_n, a sigma not served, alpha outside (0, 0.5): 422 with a message, and no Triton call."""
+    """(b) n above max_n, a sigma not served, alpha outside (0, 0.5), images x (n0 + n) above max_samples: 422 with a
+    message, and no Triton call; without n, the model's default n. (Mutation-checked 2026-12-06: check_budget's
+    max_samples test removed -> n=49 reached Triton.)"""
     def triton_calls(gw):
         return sum(v for k, v in gw.metrics().items() if k.startswith("dbp_gateway_triton_requests_total"))
 
@@ -197,13 +202,19 @@ def test_limits_refused_before_triton(cert_gateway, fashion_pngs):
         for query, words in ((f"n={MAX_N + 1}", [f"n must be in [1, {MAX_N}]", f"got {MAX_N + 1}"]),
                              ("n=1000000", ["n must be in", "max_n is 64"]),
                              ("sigma=0.3", ["sigma must be one of the served sigmas 0.25, 0.5", "got 0.3"]),
-                             ("alpha=0.6", ["alpha"]), ("alpha=0", ["alpha"])):
+                             ("alpha=0.6", ["alpha"]), ("alpha=0", ["alpha"]),
+                             # within max_n, but 2 x (8 + 49) samples exceed max_samples: refused, not timed out
+                             ("n=49", [f"2 images x (n0 {N0} + n 49) = 114 samples exceed", f"{MAX_SAMPLES}",
+                                       "send at most 1 image at n = 49"])):
             r = post_certify(c, fashion_pngs, query)
             assert r.status_code == 422, (query, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
             for w in words:
                 assert w in r.json()["detail"], (query, r.json()["detail"])
         assert triton_calls(cert_gateway) == before
+        r = post_certify(c, fashion_pngs, "")  # no n: the model's n (its card's)
+        assert r.status_code == 200, r.text
+        assert r.json()["receipt"]["n"] == DEFAULT_N and {d["n"] for d in r.json()["certificates"]} == {DEFAULT_N}
         doc = c.get("/openapi.json").json()["paths"]["/certify"]["post"]
         assert {p["name"] for p in doc["parameters"]} >= {"n", "sigma", "alpha", "seed"}
         assert "503" in doc["responses"] and "422" in doc["responses"]

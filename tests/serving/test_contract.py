@@ -108,3 +108,26 @@ def test_serve_batch_answers_each_request_and_survives_a_failing_run():
     out = contract.serve_batch(prepare, crash, [{"x": 1}, {"bad": True}])
     assert isinstance(out[0], RuntimeError) and "out of memory" in str(out[0])
     assert isinstance(out[1], contract.RequestError)
+
+
+def test_certify_request_limits():
+    """The certify model's own checks (a request that bypasses the gateway): n within max_n, images x (n0 + n)
+    within max_samples, one served sigma, alpha in (0, 0.5), one value per request; the committed config parses."""
+    s = contract.parse_parameters(contract.CertifySettings,
+                                  repository.read_parameters(MODEL_REPOSITORY / "certify" / repository.CONFIG_FILE))
+    assert s.n <= s.max_n and s.n0 + s.n <= s.max_samples and s.sigma_values == (0.25, 0.5)
+
+    def req(n, sigma=0.25, alpha=0.001, batch=1):
+        col = np.ones((batch, 1))
+        return contract.certify_request((col * n).astype(np.int32), (col * sigma).astype(np.float32),
+                                        (col * alpha).astype(np.float32), batch, s)
+    assert req(s.n) == (s.n, 0.25, pytest.approx(0.001))
+    fit = s.max_samples // (s.n0 + s.n)
+    req(s.n, batch=fit)
+    for args, match in (((s.max_n + 1,), "max_n"), ((s.n,), "max_samples"), ((s.n, 0.3), "served sigmas"),
+                        ((s.n, 0.25, 0.5), "ALPHA")):
+        with pytest.raises(contract.RequestError, match=match):
+            req(*args, batch=fit + 1 if match == "max_samples" else 1)
+    with pytest.raises(contract.RequestError, match="same for every image"):
+        contract.certify_request(np.array([[8], [9]], np.int32), np.full((2, 1), 0.25, np.float32),
+                                 np.full((2, 1), 0.001, np.float32), 2, s)

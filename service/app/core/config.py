@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     MAX_IMAGES: int = Field(16, ge=1, le=4096, description="per request (also capped by Triton's max_batch_size)")
     MAX_VOTES: int = Field(16, ge=1, le=1024, description="upper bound; the models' own max_votes may be lower")
     # --- /certify (randomized smoothing): defaults of n, alpha, sigma; the model's max_n may be lower ------
-    CERTIFY_N: int = Field(100, ge=1, le=1_000_000, description="default n (estimation samples per image)")
+    CERTIFY_N: Optional[int] = Field(None, ge=1, le=1_000_000, description="default n (estimation samples per "
+                                     "image); unset: the certify model's `n`, the one its card was measured at")
     CERTIFY_MAX_N: int = Field(100_000, ge=1, le=1_000_000, description="upper bound of n; the certify model's "
                                "max_n parameter may be lower (then that is the limit)")
     CERTIFY_ALPHA: float = Field(0.001, gt=0, lt=0.5, description="default alpha")

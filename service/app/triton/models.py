@@ -152,6 +152,8 @@ class CertifyInfo:
     n0: int
     classifier_version: Optional[int]
     max_batch: int
+    default_n: int = 0  # the model's `n` (its card's); 0: not given
+    max_samples: int = 0  # images x (n0 + n) per request at most; 0: not given (max_batch x (n0 + max_n))
     dtypes: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -168,9 +170,11 @@ def certify_info(version: int, config: Mapping[str, Any], metadata: Mapping[str,
     for name in (IMAGES, SEED, N, SIGMA, ALPHA) + CERTIFY_OUTPUTS:
         if name not in dtypes:
             raise InterfaceError(f"tensor {name} is missing from the certify model's metadata")
+    max_batch = int(config.get("max_batch_size") or 1)
     return CertifyInfo(version=version, sigmas=sigmas, max_n=max_n, n0=n0,
-                       classifier_version=_int(p, "classifier_version"),
-                       max_batch=int(config.get("max_batch_size") or 1), dtypes=dtypes)
+                       classifier_version=_int(p, "classifier_version"), max_batch=max_batch,
+                       default_n=min(_int(p, "n") or max_n, max_n),
+                       max_samples=_int(p, "max_samples") or max_batch * (n0 + max_n), dtypes=dtypes)
 
 
 def newest_ready(index: list[Mapping[str, Any]], name: str) -> Optional[int]:

@@ -45,6 +45,19 @@ def check_request(info: CertifyInfo, settings: Settings, n: int, sigma: float, a
     return served
 
 
+def check_budget(info: CertifyInfo, images: int, n: int) -> None:
+    """At most max_batch images and max_samples = images x (n0 + n) per request: the model's cost bound, sized to
+    the timeout, so a costly request is a 422 here rather than a 504 later."""
+    if images > info.max_batch:
+        raise ApiError(422, "too_many_images", f"{images} images in one request; the certify model takes at most "
+                       f"{info.max_batch}")
+    if info.max_samples and images * (info.n0 + n) > info.max_samples:
+        fit = info.max_samples // (info.n0 + n)
+        raise ApiError(422, "too_many_samples", f"{images} images x (n0 {info.n0} + n {n}) = "
+                       f"{images * (info.n0 + n)} samples exceed the certify model's max_samples {info.max_samples} "
+                       f"per request: send at most {fit} image{'' if fit == 1 else 's'} at n = {n}, or a smaller n")
+
+
 def statement(class_name: str, certified: bool, radius: float, sigma: float, n: int, alpha: float) -> str:
     if not certified:
         return (f"no certificate: the smoothed classifier (sigma {sigma:g}, n {n}, alpha {alpha:g}) abstained "
@@ -71,8 +84,11 @@ def router(settings: Settings) -> APIRouter:
         request: Request, cfg: SettingsDep, pool: PoolDep, metrics: MetricsDep, policy: SeedPolicyDep,
         opts: Annotated[ImageOptions, Depends(image_options(settings))],
         n: Annotated[Optional[int], Query(ge=1, description="estimation samples per image (default "
-                                          f"{settings.CERTIFY_N}, or the limit if lower); at most the certify model's max_n (and "
-                                          f"{ENV_PREFIX}CERTIFY_MAX_N = {settings.CERTIFY_MAX_N})")] = None,
+                                          + (f"{settings.CERTIFY_N}" if settings.CERTIFY_N else "the certify model's n, "
+                                             "the one its card was measured at") + ", or the limit if lower); at most "
+                                          f"the certify model's max_n (and {ENV_PREFIX}CERTIFY_MAX_N = "
+                                          f"{settings.CERTIFY_MAX_N}), and images x (n0 + n) at most its "
+                                          "max_samples")] = None,
         sigma: Annotated[Optional[float], Query(gt=0, description="noise level, one of the certify model's sigmas "
                                                 "(default: " + (f"{settings.CERTIFY_SIGMA:g}" if settings.CERTIFY_SIGMA
                                                                 else "its first") + ")")] = None,
@@ -84,16 +100,15 @@ def router(settings: Settings) -> APIRouter:
         info = pool.any_certify()
         if info is None:
             raise pool.certify_unavailable()
-        n = min(cfg.CERTIFY_N, cfg.CERTIFY_MAX_N, info.max_n) if n is None else n  # a default never exceeds the limit
+        if n is None:  # a default never exceeds the limit
+            n = min(cfg.CERTIFY_N or info.default_n or info.max_n, cfg.CERTIFY_MAX_N, info.max_n)
         alpha = cfg.CERTIFY_ALPHA if alpha is None else alpha
         sigma = (cfg.CERTIFY_SIGMA or info.sigmas[0]) if sigma is None else sigma
         sigma = check_request(info, cfg, n, sigma, alpha)
         pair = current_pair(pool)
         shape = (pair.channels, pair.height, pair.width)
         images, decode_s = await read_images(request, cfg, shape, opts.convert, opts.fit)
-        if len(images) > info.max_batch:
-            raise ApiError(422, "too_many_images", f"{len(images)} images in one request; the certify model takes "
-                           f"at most {info.max_batch}")
+        check_budget(info, len(images), n)
         seeds, noise_seeds = request_seeds(policy, opts.seed, images)
 
         def build(p, c: CertifyInfo):
@@ -101,8 +116,7 @@ def router(settings: Settings) -> APIRouter:
                 raise ApiError(503, "triton_unavailable", "the deployed model changed its input shape while this "
                                "request was being read; retry", {"Retry-After": str(cfg.RETRY_AFTER_S)})
             check_request(c, cfg, n, sigma, alpha)
-            if len(images) > c.max_batch:
-                raise ApiError(422, "too_many_images", f"the certify model takes at most {c.max_batch} images")
+            check_budget(c, len(images), n)
             b = len(images)
             return {IMAGES: np.stack([d.array for d in images]), SEED: np.array(noise_seeds, dtype=np.int64)[:, None],
                     N: np.full((b, 1), n, dtype=np.int32), SIGMA: np.full((b, 1), sigma, dtype=np.float32),
