@@ -74,7 +74,7 @@ class CertifySettings:
     n: int = 320  # the default n: the one the version's card was measured at, so its figures describe the answer
     # samples (images x (n0 + n)) one request may ask for: what fits the gateway's timeout on this hardware, so a
     # costly request is refused up front (4xx), never cut off by a timeout
-    max_samples: int = 4096
+    max_samples: int = 2048
     classifier_version: int = 2  # the classifier version (in the same repository) the card was computed with
     threads: int = 1
     max_rows: int = 256  # noisy images per torch call

@@ -115,7 +115,8 @@ def test_certify_request_limits():
     within max_samples, one served sigma, alpha in (0, 0.5), one value per request; the committed config parses."""
     s = contract.parse_parameters(contract.CertifySettings,
                                   repository.read_parameters(MODEL_REPOSITORY / "certify" / repository.CONFIG_FILE))
-    assert s.n <= s.max_n and s.n0 + s.n <= s.max_samples and s.sigma_values == (0.25, 0.5)
+    # one image at max_n must fit the budget, or max_n would promise what max_samples refuses
+    assert s.n <= s.max_n and s.n0 + s.max_n <= s.max_samples and s.sigma_values == (0.25, 0.5)
 
     def req(n, sigma=0.25, alpha=0.001, batch=1):
         col = np.ones((batch, 1))
