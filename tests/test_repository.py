@@ -174,3 +174,25 @@ def test_read_parameters_unescapes_protobuf_strings(tmp_path):
     params = repository.read_parameters(cfg)["parameters"]
     assert json.loads(params["class_names"]["string_value"]) == ["T-shirt/top", "a\\b"]
     assert params["t_star"]["string_value"] == "100"
+
+
+def test_committed_certify_versions_serve_what_their_card_measured():
+    """Each committed certify version with weights: its card is bound to exactly its denoiser and the configured
+    classifier (what the server checks at load), and the served settings are the card's: the default n and n0 are
+    the card's, every served sigma has a complete row, and the card's attack found no broken certificate beyond
+    what alpha allows. Fails when the weights, the classifier or the config drift from the card (checked
+    2026-12-06: the config's n 320 -> 100 fails it)."""
+    from dbp.serving.contract import CertifySettings, parse_parameters
+    model = MODEL_REPOSITORY / repository.CERTIFY_MODEL
+    cfg = parse_parameters(CertifySettings, repository.read_parameters(model / repository.CONFIG_FILE))
+    served = [v for v in repository.versions(model) if (model / str(v) / repository.WEIGHTS_DIR).is_dir()]
+    assert served, "no certify version with weights is committed"
+    classifier = repository.weights_dir(MODEL_REPOSITORY, "classifier", cfg.classifier_version)
+    for v in served:
+        card = repository.check_certify_version(model / str(v), classifier)
+        assert (card["binding"]["n0"], card["binding"]["n"]) == (cfg.n0, cfg.n)
+        rows = {s["sigma"]: s for s in card["sigmas"]}
+        for sigma in cfg.sigma_values:
+            assert rows[sigma]["complete"] and rows[sigma]["images"] >= 500, sigma
+            emp = rows[sigma]["empirical"]
+            assert emp and len(emp["broken_certificates"]) <= emp["broken_allowed"], sigma
