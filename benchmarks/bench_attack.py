@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from dbp import repository
 from dbp.attacks import PGD, AttackConfig
 from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet
 
@@ -210,7 +211,8 @@ def main(argv=None) -> dict:
     result = {"setting": {"attack": "DW-box l_inf PGD eps 8/255 step 2/255", "sampler": "ddim",
                           "num_inference_steps": args.num_inference_steps, "t_star": args.t_star, "unet_calls": calls,
                           "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
-                          "purifier": args.purifier, "classifier": args.classifier},
+                          "purifier": repository.relative_path(args.purifier),
+                          "classifier": repository.relative_path(args.classifier)},
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "loadavg_before": load0, "loadavg_after": load1,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "purify_forward": forward, "rows": rows}

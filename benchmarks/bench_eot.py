@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dbp import repository
 from dbp.attacks import PGD, AttackConfig
 from dbp.models import Defense, Purifier, freeze, load_classifier, load_unet
 from dbp.nets import EpsNet, build_classifier, build_unet
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
           f"{args.n_images} images, threads={args.threads}, device={args.device}, "
           f"weights={'trained' if args.purifier and args.classifier else 'random-init'}; "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
-    summary = {"config": vars(args), "results": []}
+    summary = {"config": repository.relative_paths(vars(args)), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for bs in sizes:
             runs: dict[str, list[dict]] = {"batched": [], "loop": []}

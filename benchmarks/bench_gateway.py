@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from dbp import repository
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
 from service.app.core.seeds import derive_seed, image_digest
 from service.process import GatewayProcess
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     with served_pair(Path(args.repo), "bench-gateway-", MAX_IN_FLIGHT=64) as (triton, gw, version):
         res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url))
     res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
-                "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args)})
+                "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": repository.relative_paths(vars(args))})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     ok_o = res["overhead_p50_ms"] <= res["overhead_goal_ms"]

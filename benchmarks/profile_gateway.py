@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench_gateway import SAMPLE, served_pair
+from dbp import repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: py-spy wrote no profile: {err.decode()[-500:]}")
     res = summarise(raw)
     res.update({"requests": args.requests, "mean_request_ms": per_request * 1000, "version_pair": version,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": os.getloadavg(), "args": vars(args)})
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": os.getloadavg(), "args": repository.relative_paths(vars(args))})
     res["gateway_cpu_ms_per_request"] = res["samples"] / args.rate / args.requests * 1000
     out.write_text(json.dumps(res, indent=2))
     print(f"{res['samples']} samples over {args.requests} requests: ~{res['gateway_cpu_ms_per_request']:.2f} ms of "

@@ -328,6 +328,13 @@ def relative_path(p: str | Path | None) -> Optional[str]:
     return p.name
 
 
+def relative_paths(record: dict) -> dict:
+    """`record` (a CLI's arguments, a config) with every absolute path made relative_path: what a JSON committed
+    as evidence may say about where its inputs were."""
+    return {k: relative_path(v) if isinstance(v, (str, Path)) and Path(v).is_absolute() else v
+            for k, v in record.items()}
+
+
 def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
             provenance: Mapping[str, Any] | None = None, log=print,
             extra_dirs: Mapping[str, tuple[Path, ...]] | None = None) -> int:

@@ -196,3 +196,19 @@ def test_committed_certify_versions_serve_what_their_card_measured():
             assert rows[sigma]["complete"] and rows[sigma]["images"] >= 500, sigma
             emp = rows[sigma]["empirical"]
             assert emp and len(emp["broken_certificates"]) <= emp["broken_allowed"], sigma
+
+
+def test_relative_paths_keeps_committed_evidence_free_of_machine_paths(tmp_path):
+    """relative_paths makes absolute paths relative to the checkout (outside it: the name only) and leaves the rest;
+    and no JSON committed as evidence holds an absolute path of the machine that wrote it."""
+    import subprocess
+    from helpers import ROOT
+    rec = repository.relative_paths({"repo": str(ROOT / "model_repository"), "out": str(tmp_path / "x.json"),
+                                     "n": 3, "rel": "runs/a", "p": ROOT / "docs"})
+    assert rec == {"repo": "model_repository", "out": "x.json", "n": 3, "rel": "runs/a", "p": "docs"}
+    files = subprocess.run(["git", "ls-files", "*.json"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert files
+    bad = [f for f in files if any(f'"{prefix}' in (ROOT / f).read_text(errors="replace")
+                                   for prefix in ("/work/", "/tmp/", "/root/", "/home/"))]
+    assert not bad, f"absolute machine paths in committed JSON: {bad}"

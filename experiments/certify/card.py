@@ -205,7 +205,7 @@ def report(cfg: CardConfig, bind: dict, copy: bool) -> dict:
             "2023) in front of the classifier; CERTIFY of Cohen et al. 2019 per image",
             "claim": "an l_2 certificate at the stated radius for the smoothed classifier at that sigma, n and "
                      "alpha; no other threat (not l_inf beyond the l_2 ball, not a chosen noise seed)",
-            "config": asdict(cfg), "binding": bind, "git_commit": git_commit(), "radii": list(RADII), "sigmas": []}
+            "config": repository.relative_paths(asdict(cfg)), "binding": bind, "git_commit": git_commit(), "radii": list(RADII), "sigmas": []}
     for sigma in cfg.sigmas:
         rows = read_lines(out / f"sigma_{sigma}.jsonl")
         n = len(rows)
