@@ -160,6 +160,12 @@ class Diffusion(nn.Module):
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     # ---- purification -------------------------------------------------------------------------
+    def default_steps(self, sampler: str) -> int:
+        """num_inference_steps when none is given: DDPM's full grid of T, the others' DEFAULT_STEPS."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        return self.num_train_timesteps if sampler == "ddpm" else DEFAULT_STEPS[sampler]
+
     def check_settings(self, sampler: str, t_star: int, num_inference_steps: int, s_churn: float = 0.0) -> None:
         """Raise ValueError for settings purify would refuse (a config's validation calls this)."""
         if sampler not in SAMPLERS:
@@ -223,7 +229,7 @@ class Diffusion(nn.Module):
         if noise is not None and generator is not None:
             raise ValueError("give purify either `noise` or `generator`, not both")
         if num_inference_steps is None:
-            num_inference_steps = self.num_train_timesteps if sampler == "ddpm" else DEFAULT_STEPS[sampler]
+            num_inference_steps = self.default_steps(sampler)
         n_inf = num_inference_steps  # 0 must reach reverse_timesteps' check, not fall back to the default
         if sampler in ("vpsde", "edm"):
             return self._purify_continuous(eps_model, x01, sampler, t_star, n_inf, noise, generator, grad_checkpoint,

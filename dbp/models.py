@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .diffusion import DEFAULT_STEPS, Diffusion, PurifyNoise
+from .diffusion import Diffusion, PurifyNoise
 from .grad_checkpointing import GradCheckpoint, parse_grad_checkpoint, plan_grad_checkpoint
 from .nets import Classifier, EpsNet, build_classifier, build_unet_from_meta
 from .samplers import SDE_GRADIENTS
@@ -40,7 +40,7 @@ class Purifier(nn.Module):
         self.grad_checkpoint = parse_grad_checkpoint(grad_checkpoint)
         self.checkpoint_budget_mb = checkpoint_budget_mb
         if num_inference_steps is None:
-            num_inference_steps = DEFAULT_STEPS.get(sampler, 100)
+            num_inference_steps = self.diffusion.default_steps(sampler)
         self.num_inference_steps = num_inference_steps
         self.s_churn, self.sde_gradient = s_churn, sde_gradient
         self.diffusion.check_settings(sampler, t_star, self.num_inference_steps, s_churn)  # validate settings early
