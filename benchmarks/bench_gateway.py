@@ -10,8 +10,10 @@ the gateway derives from it with the bench's SEED_SECRET to Triton) goes
   * direct:  to the purify_classify ensemble over async gRPC, as the float32 [1, 1, 32, 32] tensor the
              gateway would make of it (what a KServe client would send),
   * gateway: POST /classify as a multipart file upload (decode, convert, two pinned calls, JSON).
-Low load: --sequential requests one at a time, alternating direct/gateway; overhead = gateway p50 -
-direct p50 (goal <= 3 ms, issue 21; it was 5 ms or 5 %). Concurrency: --requests requests from
+Low load: --sequential requests one at a time on each path, in rotating order; overhead = gateway p50 -
+direct p50 (goal <= 3 ms, issue 21; it was 5 ms or 5 %), split by a third path, "pinned": the gateway's two
+calls (purifier/N, then classifier/N) sent straight to Triton: overhead_parts_ms = {pinning: pinned - direct,
+gateway: gateway - pinned}. Concurrency: --requests requests from
 --concurrency concurrent clients, in --rounds rounds of direct, gateway, gateway, direct (drift cancels);
 goal >= 0.95x (issue 21; it was 0.9x). Also reported: the purifier's mean batch size per phase (Triton statistics).
 """
@@ -101,6 +103,32 @@ class Direct:
         return int(r.as_numpy("LABEL")[0, 0])
 
 
+class Pinned:
+    """What the gateway sends, without the gateway: purifier/N, then classifier/N on its PURIFIED output (two gRPC
+    round trips instead of the ensemble's one). pinned - direct is the price of pinning the version pair;
+    gateway - pinned is the gateway's own work."""
+
+    def __init__(self, grpc_url: str, x: np.ndarray, seed: int, version: int):
+        import tritonclient.grpc.aio as aio
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        self.InferInput, self.version = InferInput, str(version)
+        self.client = aio.InferenceServerClient(grpc_url)
+        imgs, seeds = InferInput("IMAGES", list(x.shape), "FP32"), InferInput("SEED", [1, 1], "INT64")
+        imgs.set_data_from_numpy(x)
+        seeds.set_data_from_numpy(np.array([[seed]], np.int64))
+        self.inputs = [imgs, seeds]
+        self.purified, self.outputs = [InferRequestedOutput("PURIFIED")], [InferRequestedOutput(o)
+                                                                          for o in ("PROBS", "LABEL")]
+
+    async def __call__(self) -> int:
+        r = await self.client.infer("purifier", self.inputs, model_version=self.version, outputs=self.purified)
+        p = r.as_numpy("PURIFIED")
+        cin = self.InferInput("IMAGES", list(p.shape), "FP32")
+        cin.set_data_from_numpy(p)
+        r = await self.client.infer("classifier", [cin], model_version=self.version, outputs=self.outputs)
+        return int(r.as_numpy("LABEL")[0, 0])
+
+
 class ViaGateway:
     def __init__(self, url: str, png: bytes, seed: int, concurrency: int):
         self.client = httpx.AsyncClient(base_url=url, timeout=300,
@@ -146,23 +174,24 @@ def purifier_counts(http_url: str) -> tuple[int, int]:
     return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))
 
 
-async def measure(args, grpc_url: str, gw_url: str, http_url: str) -> dict:
+async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int) -> dict:
     png = SAMPLE.read_bytes()
     x = tensor(png)
     noise_seed = derive_seed(SEED_SECRET.encode(), args.seed, image_digest(x[0]))
     direct, gateway = Direct(grpc_url, x, noise_seed), ViaGateway(gw_url, png, args.seed, args.concurrency)
+    pinned = Pinned(grpc_url, x, noise_seed, version)
     try:
-        labels = {await direct(), await gateway()}  # warm-up, and both paths must agree on the answer
+        labels = {await direct(), await gateway(), await pinned()}  # warm-up; all paths must agree on the answer
         for _ in range(args.warmup):
             await direct()
             await gateway()
+            await pinned()
         if len(labels) != 1:
-            raise SystemExit(f"error: direct and gateway disagree on the same seeded request: {labels}")
-        seq = {"direct": [], "gateway": []}
+            raise SystemExit(f"error: direct, pinned and gateway disagree on the same seeded request: {labels}")
+        seq = {"direct": [], "gateway": [], "pinned": []}
+        paths = (("direct", direct), ("pinned", pinned), ("gateway", gateway))
         for i in range(args.sequential):
-            order = (("direct", direct), ("gateway", gateway)) if i % 2 == 0 else (("gateway", gateway),
-                                                                                  ("direct", direct))
-            for name, fn in order:
+            for name, fn in paths[i % 3:] + paths[:i % 3]:  # rotate the order so drift cancels
                 seq[name].append((await timed(fn))[0])
         rates = {"direct": [], "gateway": []}
         batch = {"direct": [], "gateway": []}
@@ -175,12 +204,15 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str) -> dict:
             batch[name].append((n1 - n0) / max(1, e1 - e0))
     finally:
         await direct.client.close()
+        await pinned.client.close()
         await gateway.client.aclose()
     p50 = {k: statistics.median(v) * 1000 for k, v in seq.items()}
     p95 = {k: float(np.percentile(v, 95)) * 1000 for k, v in seq.items()}
     overhead = p50["gateway"] - p50["direct"]
     thr = {k: statistics.median(v) for k, v in rates.items()}
-    return {"p50_ms": p50, "p95_ms": p95, "overhead_p50_ms": overhead, "overhead_pct": 100 * overhead / p50["direct"],
+    return {"p50_ms": p50, "p95_ms": p95, "overhead_p50_ms": overhead,
+            "overhead_parts_ms": {"pinning": p50["pinned"] - p50["direct"],
+                                  "gateway": p50["gateway"] - p50["pinned"]}, "overhead_pct": 100 * overhead / p50["direct"],
             "overhead_goal_ms": OVERHEAD_GOAL_MS, "throughput_rps": thr, "throughput_runs": rates,
             "throughput_ratio": thr["gateway"] / thr["direct"], "label": labels.pop(),
             "purifier_mean_batch": batch}
@@ -199,7 +231,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     with served_pair(Path(args.repo), "bench-gateway-", MAX_IN_FLIGHT=64) as (triton, gw, version):
-        res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url))
+        res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url, version))
     res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": repository.relative_paths(vars(args))})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +241,10 @@ def main(argv=None) -> int:
     print(f"version pair {version}; load {load_before[0]:.2f} -> {res['loadavg_after'][0]:.2f} on {os.cpu_count()} CPUs")
     print(f"low load p50: direct {res['p50_ms']['direct']:.1f} ms, gateway {res['p50_ms']['gateway']:.1f} ms -> "
           f"overhead {res['overhead_p50_ms']:.2f} ms ({res['overhead_pct']:.1f} %), goal <= "
-          f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}")
+          f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}; of it, two pinned calls instead of "
+          f"the ensemble {res['overhead_parts_ms']['pinning']:.2f} ms, the gateway's own work "
+          f"{res['overhead_parts_ms']['gateway']:.2f} ms (pinned p50 "
+          f"{res['p50_ms']['pinned']:.1f} ms)")
     print(f"concurrency {args.concurrency}: direct {res['throughput_rps']['direct']:.2f} req/s, gateway "
           f"{res['throughput_rps']['gateway']:.2f} req/s -> {res['throughput_ratio']:.3f}x, goal >= {THROUGHPUT_GOAL}x: "
           f"{'OK' if ok_t else 'MISSED'}; purifier mean batch direct "
