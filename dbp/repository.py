@@ -3,7 +3,8 @@
   model_repository/
     purifier/config.pbtxt, purifier/model.py     the model's config and the shell copied into each version
     purifier/<N>/weights/                        a dbp checkpoint dir holding only the serving weights
-    purifier/<N>/robustness_card.json            the gate's card for exactly these weights
+    purifier/<N>/robustness_card.json            the gate's card for exactly these weights (profile "default")
+    purifier/<N>/cards/<profile>.json            the card of another serving profile (config.pbtxt `profiles`)
     purifier/<N>/export.json                     provenance (sources, git commit, time)
     purifier/<N>/model.py (+ __pycache__)        a copy of the shell
     classifier/...                               the same; purifier/N and classifier/N were gated together
@@ -25,6 +26,8 @@ from typing import Any, Mapping, Optional
 
 WEIGHTS_DIR = "weights"
 CARD_FILE = "robustness_card.json"
+CARDS_DIR = "cards"  # <version>/cards/<profile>.json: the card of a serving profile other than "default"
+DEFAULT_PROFILE = "default"  # dbp.serving.contract.DEFAULT_PROFILE: the top-level settings, card CARD_FILE
 EXPORT_FILE = "export.json"
 LEGACY_FILE = "legacy.json"  # at the repository root: versions served although their card fails (check_version)
 MODEL_FILE = "model.py"
@@ -122,7 +125,9 @@ def read_parameters(config: str | Path) -> dict[str, Any]:
 def set_parameter(config: str | Path, key: str, value: Any) -> None:
     """Set one existing `parameters` entry of a config.pbtxt (benchmarks and tests tune copies this way)."""
     config = Path(config)
-    text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', config.read_text())
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')  # protobuf text format
+    text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"(?:[^"\\]|\\.)*"',
+                      lambda m: f'{m.group(1)}"{escaped}"', config.read_text())
     if n != 1:
         raise RepositoryError(f"parameter {key!r} not found in {config}")
     config.write_text(text)
@@ -130,14 +135,40 @@ def set_parameter(config: str | Path, key: str, value: Any) -> None:
 
 # ---- what the server accepts --------------------------------------------------------------------
 
-def purification_settings(repo: str | Path) -> dict[str, Any]:
-    """The purifier's served settings (t_star, sampler, num_inference_steps, max_votes) from its config.pbtxt."""
+def purification_settings(repo: str | Path, profile: str = DEFAULT_PROFILE) -> dict[str, Any]:
+    """The purifier's served settings (t_star, sampler, num_inference_steps, max_votes) from its config.pbtxt; for
+    a serving profile other than "default", that profile's t_star / sampler / num_inference_steps (`profiles`)."""
     params = read_parameters(model_dir(repo, "purifier") / CONFIG_FILE)["parameters"]
-    return {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps", "max_votes")
-            if k in params}
+    out = {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps", "max_votes")
+           if k in params}
+    if profile != DEFAULT_PROFILE:
+        out.update({k: str(v) for k, v in profile_settings(repo)[profile].items()})
+    return out
 
 
-def check_version(version: str | Path, role: str, purification: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def profile_settings(repo: str | Path) -> dict[str, dict[str, Any]]:
+    """{profile: {t_star, sampler, num_inference_steps}} the purifier's config.pbtxt declares, "default" first
+    (parsed and checked by dbp.serving.contract.parse_profiles); RepositoryError for a malformed one."""
+    from .serving.contract import PurifierSettings, parse_parameters
+
+    try:
+        s = parse_parameters(PurifierSettings, read_parameters(model_dir(repo, "purifier") / CONFIG_FILE))
+        return {name: p.purification for name, p in s.profile_table().items()}
+    except ValueError as e:
+        raise RepositoryError(f"{model_dir(repo, 'purifier') / CONFIG_FILE}: {e}") from None
+
+
+def card_path(version: str | Path, profile: str = DEFAULT_PROFILE) -> Path:
+    """Where a version dir keeps the card of a serving profile: CARD_FILE for "default", cards/<profile>.json else."""
+    if profile == DEFAULT_PROFILE:
+        return Path(version) / CARD_FILE
+    if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", profile):
+        raise RepositoryError(f"bad profile name {profile!r}")
+    return Path(version) / CARDS_DIR / f"{profile}.json"
+
+
+def check_version(version: str | Path, role: str, purification: Optional[Mapping[str, Any]] = None, *,
+                  profile: str = DEFAULT_PROFILE, card: str | Path | None = None) -> dict[str, Any]:
     """The card of a version dir, if it is signed by a trusted key, passes the pinned policy when its verdict is
     recomputed from its evidence (dbp.gate.verdict), and was computed on exactly this version's weights and
     meta.json with the purification settings the server runs (`purification`, from its config.pbtxt; default:
@@ -147,26 +178,38 @@ def check_version(version: str | Path, role: str, purification: Optional[Mapping
     exception is the repository's legacy list (LEGACY_FILE): a version listed there with its card's exact
     sha256, the rules it fails, an approver and an expiry date keeps serving until that date, reported as
     "legacy" (never as passed). Export never consults the list.
+
+    `profile`: a serving profile of the purifier (config.pbtxt `profiles`): the same rule for its card
+    (card_path: cards/<profile>.json) bound to that profile's settings; a legacy entry names its profile
+    ("profile", absent = "default"). `card`: check this card file instead of the one in the version dir (what
+    `python -m training.profiles add` does before it copies a card in).
     """
     from .card import CardError, card_bound_to, card_passes_for, load_card
 
     version = Path(version)
-    try:
-        card = load_card(version / CARD_FILE)
-    except CardError as e:
-        raise RepositoryError(f"{version}: {e}; publish versions with `python -m training.export`") from None
+    path = Path(card) if card is not None else card_path(version, profile)
+    what = "" if profile == DEFAULT_PROFILE else f" (profile {profile!r})"
     if purification is None and role == "purifier" and (version.parent / CONFIG_FILE).exists():
-        purification = purification_settings(version.parent.parent)
-    ok, reason = card_passes_for(card, {role: version / WEIGHTS_DIR}, purification)
+        try:
+            purification = purification_settings(version.parent.parent, profile)
+        except KeyError:
+            raise RepositoryError(f"{version}: the purifier's config.pbtxt declares no profile {profile!r}") from None
+    try:
+        loaded = load_card(path)
+    except CardError as e:
+        hint = ("publish versions with `python -m training.export`" if profile == DEFAULT_PROFILE else
+                f"attach one with `python -m training.profiles add --version {version.name} --profile {profile}`")
+        raise RepositoryError(f"{version}{what}: {e}; {hint}") from None
+    ok, reason = card_passes_for(loaded, {role: version / WEIGHTS_DIR}, purification)
     if ok:
-        return {**card, "gate_status": {"status": "passed", "detail": reason}}
-    entry = legacy_entry(version, role)
+        return {**loaded, "gate_status": {"status": "passed", "detail": reason}}
+    entry = legacy_entry(version, role, card=path, profile=profile)
     if entry is None:
-        raise RepositoryError(f"{version}: refusing to serve: {reason}")
-    bound, why = card_bound_to(card, {role: version / WEIGHTS_DIR}, purification)
+        raise RepositoryError(f"{version}{what}: refusing to serve: {reason}")
+    bound, why = card_bound_to(loaded, {role: version / WEIGHTS_DIR}, purification)
     if not bound:  # a legacy card still describes exactly these weights and settings
-        raise RepositoryError(f"{version}: refusing to serve: {why}")
-    return {**card, "gate_status": {"status": "legacy", **entry, "detail": reason}}
+        raise RepositoryError(f"{version}{what}: refusing to serve: {why}")
+    return {**loaded, "gate_status": {"status": "legacy", **entry, "detail": reason}}
 
 
 def has_weights(model_dir: str | Path) -> bool:
@@ -205,8 +248,12 @@ def check_certify_version(version: str | Path, classifier_weights: str | Path) -
     return card
 
 
-def legacy_entry(version: str | Path, role: str, today: Optional[str] = None) -> Optional[dict]:
-    """The repository's legacy-list entry for this version and its card, if one stands and has not expired."""
+def legacy_entry(version: str | Path, role: str, today: Optional[str] = None, *, card: str | Path | None = None,
+                 profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+    """The repository's legacy-list entry for this version, profile and card, if one stands and has not expired.
+
+    `card`: the card file whose sha256 the entry must name (default: the profile's card_path in the version dir);
+    an entry without "profile" is the "default" profile's."""
     import datetime
     import hashlib
 
@@ -214,12 +261,15 @@ def legacy_entry(version: str | Path, role: str, today: Optional[str] = None) ->
     repo = version.parent.parent
     try:
         listed = json.loads((repo / LEGACY_FILE).read_text())
-        card_sha = hashlib.sha256((version / CARD_FILE).read_bytes()).hexdigest()
+        card_sha = hashlib.sha256(Path(card if card is not None else card_path(version, profile)).read_bytes()
+                                  ).hexdigest()
     except (OSError, json.JSONDecodeError):
         return None
     today = today or datetime.date.today().isoformat()
     for e in listed.get("versions", []) if isinstance(listed, dict) else []:
         if not isinstance(e, dict) or e.get("model") != role or str(e.get("version")) != version.name:
+            continue
+        if e.get("profile", DEFAULT_PROFILE) != profile:
             continue
         complete = all(e.get(k) for k in ("card_sha256", "failed_rules", "approver", "expires"))
         if complete and e["card_sha256"] == card_sha and str(e["expires"]) >= today:

@@ -302,3 +302,30 @@ def export_repo_factory(tmp_path_factory, tiny_diffusion_ckpt, tiny_classifier_c
         return export_repo(tmp_path_factory.mktemp("repo"), tiny_diffusion_ckpt, tiny_classifier_ckpt,
                            **purifier_params)
     return build
+
+
+# ---- serving profiles -------------------------------------------------------------------------------------
+
+# a repository's profiles for the profile tests (besides "default" = FAST_PURIFIER's DDPM t*=20): "fast" with a card
+# of its own, "mis" with a card bound to other settings (copied in by hand), "nocard" without one
+TEST_PROFILES = {"fast": {"t_star": 40, "sampler": "ddim", "num_inference_steps": 50},
+                 "mis": {"t_star": 60, "sampler": "ddpm", "num_inference_steps": 50},
+                 "nocard": {"t_star": 20, "sampler": "ddim", "num_inference_steps": 50}}
+FAST_CARD_CLEAN = 0.87  # (the policy floor is 85%) the fast card's clean accuracy (the default card's is synthetic_card's 0.9)
+
+
+def profile_repo(root: Path, purifier_ckpt: Path, classifier_ckpt: Path) -> Path:
+    """export_repo (FAST_PURIFIER) with TEST_PROFILES declared: fast's card attached by `training.profiles add`,
+    mis's card (bound to the default settings) copied in by hand, nocard none."""
+    from training import profiles
+
+    repo = export_repo(root, purifier_ckpt, classifier_ckpt, **FAST_PURIFIER)
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "profiles", json.dumps(TEST_PROFILES))
+    fast = write_card(root / "fast-card.json", purifier_ckpt, classifier_ckpt, purification=TEST_PROFILES["fast"],
+                      clean=FAST_CARD_CLEAN)
+    profiles.add(repo, 1, "fast", fast, log=lambda *a: None)
+    v = repository.version_dir(repo, "purifier", 1)
+    (v / repository.CARDS_DIR).mkdir(exist_ok=True)
+    shutil.copy(v / repository.CARD_FILE, repository.card_path(v, "mis"))
+    shutil.rmtree(v / "__pycache__", ignore_errors=True)
+    return repo

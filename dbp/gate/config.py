@@ -36,6 +36,9 @@ class GateConfig:
     sampler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     t_star: Optional[int] = None
+    # a serving profile of the repository's purifier config (`profiles`; "default" = the top-level settings): its
+    # t_star / sampler / num_inference_steps, so the card is computed on exactly that pinned setting
+    profile: Optional[str] = None
     # the served maximum VOTES (purifier config.pbtxt max_votes), attacked as well: EoT on the averaged
     # probabilities of the votes, outcome the majority label (issue 20); 1 = the EoT rows are the served setting
     votes: Optional[int] = None
@@ -178,7 +181,28 @@ def use_deployed(cfg: GateConfig) -> None:
 
 
 def use_served_purification(cfg: GateConfig) -> None:
-    """Fill sampler / t* / N that were not given from the repository's purifier config: gate what is served."""
+    """Fill sampler / t* / N that were not given from the repository's purifier config: gate what is served
+    (--profile NAME: that serving profile's settings, which --sampler / --t_star / --num_inference_steps may not
+    contradict)."""
+    if cfg.profile is not None:
+        repo = cfg.repository or repository.default_repository()
+        try:
+            served = repository.purification_settings(repo, cfg.profile)
+        except KeyError:
+            raise GateError(f"--profile {cfg.profile}: the purifier config of {repo} declares the profiles "
+                            f"{', '.join(repository.profile_settings(repo))}") from None
+        except (OSError, repository.RepositoryError) as e:
+            raise GateError(f"cannot read the profiles of {repo}: {e}") from None
+        for key in ("sampler", "t_star", "num_inference_steps"):
+            given = getattr(cfg, key)
+            if given is not None and str(given) != str(served[key]):
+                raise GateError(f"--{key} {given} contradicts profile {cfg.profile!r} ({key} {served[key]}); "
+                                "leave it out")
+        cfg.sampler, cfg.t_star = served["sampler"], int(served["t_star"])
+        cfg.num_inference_steps = int(served["num_inference_steps"])
+        if cfg.votes is None:
+            cfg.votes = int(served.get("max_votes", 1))
+        return
     if cfg.sampler is not None and cfg.t_star is not None and cfg.num_inference_steps is not None:
         # an experiment's own settings: one vote unless --votes says otherwise (export and the server refuse a
         # card that attacked fewer VOTES than the repository serves)

@@ -7,6 +7,8 @@ Tensor contract (batch dim B first, as Triton's max_batch_size implies):
   purifier    IMAGES  FP32 [B, C, H, W] in [0, 1]
               SEED    INT64 [B, 1] optional: the seed of each image's noise (exactly reproducible rows)
               VOTES   INT32 [B, 1] optional: k purifications per image, the same k for the whole request
+              PROFILE BYTES [B, 1] optional: the serving profile (named purification settings, config.pbtxt
+                      `profiles`), the same for the whole request; absent = "default" (the top-level settings)
            -> PURIFIED FP32 [B, k*C, H, W]: the k purifications of image b stacked along channels
               (reshape to [B, k, C, H, W]); k = 1 gives the plain [B, C, H, W]
   classifier  IMAGES  FP32 [B, k*C, H, W] (a purifier output), VOTES as above
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES")
+PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES", "PROFILE")
 PURIFIER_OUTPUTS = ("PURIFIED",)
 CLASSIFIER_INPUTS = ("IMAGES", "VOTES")
 CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT")
@@ -52,6 +55,88 @@ class PurifierSettings:
     max_rows: int = 256  # images per torch call; a batch with votes can be 64*16 purifications
     range_tolerance: float = 1e-3  # pixels this far outside [0, 1] are clipped, further is an error
     engine: str = "torch"  # what evaluates the UNet: one of PURIFIER_ENGINES (dbp.serving.engines)
+    # serving profiles besides "default" (= t_star / sampler / num_inference_steps above): a JSON object
+    # {name: {"t_star": int, "sampler": str, "num_inference_steps": int}}; each served only with its own card
+    profiles: str = ""
+
+    def profile_table(self) -> dict[str, "Profile"]:
+        """{name: Profile}: "default" (the top-level settings) first, then the `profiles` parameter's."""
+        return {DEFAULT_PROFILE: Profile(DEFAULT_PROFILE, self.t_star, self.sampler, self.num_inference_steps),
+                **parse_profiles(self.profiles)}
+
+
+DEFAULT_PROFILE = "default"
+SERVED_SAMPLERS = ("ddpm", "ddim")  # what the served contract accepts (dbp.diffusion has more)
+PROFILE_KEYS = ("t_star", "sampler", "num_inference_steps")  # = dbp.card.PURIFICATION_KEYS
+_PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One serving profile: a name and the purification settings it pins (what its card is bound to)."""
+    name: str
+    t_star: int
+    sampler: str
+    num_inference_steps: int
+
+    @property
+    def purification(self) -> dict[str, Any]:
+        return {"t_star": self.t_star, "sampler": self.sampler, "num_inference_steps": self.num_inference_steps}
+
+
+def parse_profiles(raw: str) -> dict[str, Profile]:
+    """The purifier's `profiles` parameter (JSON object name -> settings) as {name: Profile}; ValueError naming the
+    problem for anything malformed, so the model refuses to load. Torch-free checks only (types, names, served
+    samplers, positive numbers); dbp.serving.services checks each against dbp.diffusion (Diffusion.check_settings
+    through Purifier) at load."""
+    if not raw or not raw.strip():
+        return {}
+    where = "parameter 'profiles'"
+    try:
+        table = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} must be a JSON object {{name: {{t_star, sampler, num_inference_steps}}}}: {e}"
+                         ) from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a JSON object {{name: settings}}, got {type(table).__name__}")
+    out = {}
+    for name, v in table.items():
+        if name == DEFAULT_PROFILE:
+            raise ValueError(f"{where}: {DEFAULT_PROFILE!r} is the top-level t_star / sampler / num_inference_steps; "
+                             "do not declare it again")
+        if not _PROFILE_NAME.match(name):
+            raise ValueError(f"{where}: profile name {name!r} must match {_PROFILE_NAME.pattern}")
+        if not isinstance(v, dict) or set(v) != set(PROFILE_KEYS):
+            raise ValueError(f"{where}: profile {name!r} must be an object with exactly the keys "
+                             f"{', '.join(PROFILE_KEYS)}, got {v!r}")
+        t, sampler, steps = v["t_star"], v["sampler"], v["num_inference_steps"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (t, steps)) or t < 1 or steps < 1:
+            raise ValueError(f"{where}: profile {name!r} needs integer t_star >= 1 and num_inference_steps >= 1, "
+                             f"got {t!r}, {steps!r}")
+        if sampler not in SERVED_SAMPLERS:
+            raise ValueError(f"{where}: profile {name!r} sampler must be one of {', '.join(SERVED_SAMPLERS)}, "
+                             f"got {sampler!r}")
+        out[name] = Profile(name, t, sampler, steps)
+    return out
+
+
+def check_profile(p: Optional[np.ndarray], batch: int, known: Sequence[str]) -> str:
+    """The PROFILE of a request (one name for all its images; None: "default"), if `known` declares it; a
+    RequestError listing the known profiles otherwise."""
+    if p is None:
+        return DEFAULT_PROFILE
+    p = np.asarray(p)
+    if p.dtype.kind not in ("O", "S", "U"):
+        raise RequestError(f"PROFILE must be a string (BYTES) tensor, got {p.dtype}")
+    if p.shape not in ((batch, 1), (batch,)):
+        raise RequestError(f"PROFILE must be [B, 1] = [{batch}, 1], got {_shape(p)}")
+    names = {v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in p.reshape(-1)}
+    if len(names) != 1:
+        raise RequestError("PROFILE must be the same for every image of a request")
+    name = names.pop()
+    if name not in known:
+        raise RequestError(f"unknown profile {name[:64]!r}; this model's profiles: {', '.join(known)}")
+    return name
 
 
 # the purifier's `engine` parameter (config.pbtxt); the chain's arithmetic is dbp.diffusion's whatever the engine
@@ -137,10 +222,12 @@ def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
         except (TypeError, ValueError):
             raise ValueError(f"parameter {key!r} must be {typ.__name__}, got {raw!r}") from None
     s = cls(**values)
-    if getattr(s, "sampler", "ddpm") not in ("ddpm", "ddim"):
+    if getattr(s, "sampler", "ddpm") not in SERVED_SAMPLERS:
         raise ValueError(f"parameter 'sampler' must be 'ddpm' or 'ddim', got {s.sampler!r}")
     if getattr(s, "engine", "torch") not in PURIFIER_ENGINES:
         raise ValueError(f"parameter 'engine' must be one of {', '.join(PURIFIER_ENGINES)}, got {s.engine!r}")
+    if isinstance(s, PurifierSettings):
+        s.profile_table()  # a malformed `profiles` refuses the load, with its message
     if getattr(s, "max_votes", 1) < 1 or s.max_rows < 1 or s.threads < 0:
         raise ValueError("max_votes and max_rows must be >= 1, threads >= 0")
     if isinstance(s, CertifySettings):

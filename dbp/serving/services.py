@@ -19,8 +19,9 @@ from .. import checkpoint as ckpt
 from .. import repository
 from ..diffusion import PurifyNoise
 from ..models import Purifier, load_classifier, load_unet
-from .contract import (CertifySettings, ClassifierSettings, Inputs, PurifierSettings, RequestError, aggregate_votes,
-                       certify_request, check_images, check_seeds, check_votes, images_and_batch, serve_batch)
+from .contract import (DEFAULT_PROFILE, CertifySettings, ClassifierSettings, Inputs, PurifierSettings, RequestError,
+                       aggregate_votes, certify_request, check_images, check_profile, check_seeds, check_votes,
+                       images_and_batch, serve_batch)
 
 
 @dataclass
@@ -64,10 +65,17 @@ class PurifyItem:
     x: Any  # torch [B, C, H, W]
     k: int
     seeds: Optional[list[int]]
+    profile: str = DEFAULT_PROFILE
 
 
 class PurifierService:
-    """Loads a purifier version and runs dynamic batches of purification requests."""
+    """Loads a purifier version and runs dynamic batches of purification requests.
+
+    Serving profiles (config.pbtxt `profiles`, dbp.serving.contract.Profile): "default" is the top-level settings and
+    its card must pass (else the version does not load); every other declared profile gets its own Purifier over
+    the same eps-network (the same engine) and is served only if its card (<version>/cards/<profile>.json) passes
+    dbp.repository.check_version for that profile's settings; `refused` says why the others are not served.
+    """
 
     def __init__(self, version_dir: str | Path, settings: PurifierSettings = PurifierSettings(),
                  require_card: bool = True):
@@ -84,32 +92,75 @@ class PurifierService:
             from .engines import load_engine
             eps, self.engine_parity = load_engine(settings.engine, self.version.dir, self.version.card, eps,
                                                   settings.threads)
-        self.purifier = Purifier(eps, t_star=settings.t_star, sampler=settings.sampler,
-                                 num_inference_steps=settings.num_inference_steps).eval()
+        table = settings.profile_table()
+        # every declared profile's settings are checked by dbp.diffusion (Purifier -> Diffusion.check_settings), so a
+        # bad one fails the load whether or not its card exists
+        chains = {name: Purifier(eps, t_star=p.t_star, sampler=p.sampler, num_inference_steps=p.num_inference_steps
+                                 ).eval() for name, p in table.items()}
+        self.purifier = chains[DEFAULT_PROFILE]
+        self.purifiers: dict[str, Purifier] = {DEFAULT_PROFILE: self.purifier}
+        self.profile_cards: dict[str, Optional[dict]] = {DEFAULT_PROFILE: self.version.card}
+        self.refused: dict[str, str] = {}  # declared profile -> why this version does not serve it
+        for name, p in table.items():
+            if name == DEFAULT_PROFILE:
+                continue
+            if require_card:
+                try:
+                    card = repository.check_version(self.version.dir, "purifier", p.purification, profile=name)
+                except repository.RepositoryError as e:
+                    self.refused[name] = str(e)
+                    print(f"WARNING: {self.version.dir}: not serving profile {name!r}: {e}", file=sys.stderr,
+                          flush=True)
+                    continue
+            else:
+                card = None
+            self.purifiers[name] = chains[name]
+            self.profile_cards[name] = card
         # unseeded rows draw from one instance generator, seeded from the OS
         self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
     def prepare(self, r: Inputs) -> PurifyItem:
         x, batch = images_and_batch(r)
         k = check_votes(r.get("VOTES"), batch, self.settings.max_votes)
+        profile = check_profile(r.get("PROFILE"), batch, list(self.purifiers) + list(self.refused))
+        if profile in self.refused:
+            raise RequestError(f"profile {profile!r} has no valid card in purifier version {self.version.dir.name}, "
+                               f"so it is not served: {self.refused[profile]}")
         x = check_images(x, self.chw, 1, self.settings.range_tolerance)
-        return PurifyItem(torch.from_numpy(x), k, check_seeds(r.get("SEED"), batch))
+        return PurifyItem(torch.from_numpy(x), k, check_seeds(r.get("SEED"), batch), profile)
 
     def noise_for(self, item: PurifyItem):
         """Each image's k purifications draw from its own generator when seeded, so a row's noise does not
         depend on the other images in the request or the dynamic batch."""
         parts = []
+        purifier = self.purifiers[item.profile]
         for b in range(item.x.shape[0]):
             gen = self.generator if item.seeds is None else torch.Generator().manual_seed(item.seeds[b])
-            parts.append(self.purifier.sample_noise(item.x[b:b + 1].expand(item.k, -1, -1, -1), gen))
+            parts.append(purifier.sample_noise(item.x[b:b + 1].expand(item.k, -1, -1, -1), gen))
         return PurifyNoise.cat(parts)
 
-    def run(self, items: list[PurifyItem]) -> list[dict[str, np.ndarray]]:
+    def run(self, items: list[PurifyItem]) -> list[dict[str, np.ndarray] | Exception]:
+        """One torch pass per profile present in the batch (its own chain); a failing group answers its own
+        requests with the error, the other groups are unaffected."""
+        res: list[Any] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.profile, []).append(i)
+        for profile, idx in groups.items():
+            try:
+                outs = self._run_group(self.purifiers[profile], [items[i] for i in idx])
+            except Exception as e:  # noqa: BLE001 - one group's failure must not fail the others
+                outs = [RuntimeError(f"inference failed: {type(e).__name__}: {e}")] * len(idx)
+            for i, o in zip(idx, outs):
+                res[i] = o
+        return res
+
+    def _run_group(self, purifier: Purifier, items: list[PurifyItem]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
             noise = PurifyNoise.cat([self.noise_for(it) for it in items])
             x = torch.cat([it.x.repeat_interleave(it.k, dim=0) for it in items])
             rows = self.settings.max_rows
-            outs = [self.purifier(x[i:i + rows], noise=noise[i:i + rows]) for i in range(0, x.shape[0], rows)]
+            outs = [purifier(x[i:i + rows], noise=noise[i:i + rows]) for i in range(0, x.shape[0], rows)]
             y = torch.cat(outs).numpy()
         res, off = [], 0
         for it in items:
