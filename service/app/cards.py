@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 log = logging.getLogger("service.cards")
 CARD_FILE = "robustness_card.json"
+CARDS_DIR = "cards"  # dbp.repository.CARDS_DIR: <version>/cards/<profile>.json, a serving profile's card
+DEFAULT_PROFILE = "default"  # its card is CARD_FILE; a legacy entry without "profile" is its
 LEGACY_FILE = "legacy.json"  # dbp.repository.LEGACY_FILE; tests/service/test_gateway_units.py ties the two
 SIGNED_SCHEMA = "dbp.robustness_card/3"
 
@@ -78,42 +80,51 @@ def summarize(card: dict, legacy: Optional[dict] = None) -> dict:
 
 
 class CardReader:
+    """Per (version, serving profile): the summary of that profile's card ("default": CARD_FILE, another profile:
+    cards/<profile>.json), with the legacy list applied per profile (an entry's "profile", absent = "default")."""
+
     def __init__(self, repository: Optional[Path], purifier_model: str):
         self.repository = repository
         self.model = purifier_model
         # keyed by the card's and the legacy list's modification times: either one changes the summary
-        self._cache: dict[int, tuple[tuple[float, float], Optional[dict]]] = {}
+        self._cache: dict[tuple[int, str], tuple[tuple[float, float], Optional[dict]]] = {}
 
-    def summary(self, version: int) -> Optional[dict]:
+    def path(self, version: int, profile: str = DEFAULT_PROFILE) -> Optional[Path]:
         if self.repository is None:
             return None
-        path = self.repository / self.model / str(version) / CARD_FILE
+        d = self.repository / self.model / str(version)
+        return d / CARD_FILE if profile == DEFAULT_PROFILE else d / CARDS_DIR / f"{profile}.json"
+
+    def summary(self, version: int, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+        path = self.path(version, profile)
+        if path is None:
+            return None
         try:
             mtime = (path.stat().st_mtime, self._mtime(self.repository / LEGACY_FILE))
         except OSError:
             return None
-        hit = self._cache.get(version)
+        hit = self._cache.get((version, profile))
         if hit and hit[0] == mtime:
             return hit[1]
         try:
             raw = path.read_bytes()
             card = json.loads(raw)
-            summary = summarize(card, self._legacy(version, hashlib.sha256(raw).hexdigest())) \
+            summary = summarize(card, self._legacy(version, hashlib.sha256(raw).hexdigest(), profile)) \
                 if isinstance(card, dict) else None
         except (OSError, ValueError) as e:
             log.warning("cannot read %s: %s", path, e)
             summary = None
-        self._cache[version] = (mtime, summary)
+        self._cache[(version, profile)] = (mtime, summary)
         return summary
 
-    def _legacy(self, version: int, card_sha256: str) -> Optional[dict]:
+    def _legacy(self, version: int, card_sha256: str, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
         try:
             listed = json.loads((self.repository / LEGACY_FILE).read_text())
         except (OSError, ValueError):
             return None
         for e in listed.get("versions", []) if isinstance(listed, dict) else []:
             if isinstance(e, dict) and e.get("model") == self.model and str(e.get("version")) == str(version) \
-                    and e.get("card_sha256") == card_sha256:
+                    and e.get("profile", DEFAULT_PROFILE) == profile and e.get("card_sha256") == card_sha256:
                 return e
         return None
 

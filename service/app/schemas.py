@@ -44,6 +44,12 @@ class Purification(BaseModel):
     t_star: Optional[int] = Field(None, description="diffusion time the input is noised to", examples=[100])
 
 
+class ServingProfile(BaseModel):
+    name: str = Field(..., description="the serving profile the request ran (query parameter `profile`; "
+                      "'default' when none was given)", examples=["strong"])
+    settings: Purification = Field(..., description="the purification settings that profile pins")
+
+
 class RobustAccuracy(BaseModel):
     setting: str = Field(..., examples=["linf-dwbox"])
     description: Optional[str] = Field(None, examples=["DW-box (noise fixed per batch, plain PGD)"])
@@ -108,8 +114,10 @@ class ClassifyResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: ModelInfo
     purification: Purification
-    robustness: Optional[RobustnessSummary] = Field(None, description="the deployed version's robustness card "
-                                                    "(null when the gateway has no model repository to read)")
+    profile: ServingProfile
+    robustness: Optional[RobustnessSummary] = Field(None, description="the robustness card of the deployed version "
+                                                    "for this profile (null when the gateway has no model "
+                                                    "repository to read)")
     votes: int = Field(..., examples=[1])
     predictions: list[Prediction]
     timings: Timings
@@ -129,6 +137,7 @@ class PurifyResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: ModelInfo
     purification: Purification
+    profile: ServingProfile
     robustness: Optional[RobustnessSummary] = None
     images: list[PurifiedImage]
     timings: Timings

@@ -86,10 +86,12 @@ def test_what_the_gateway_restates_of_dbp_is_the_same():
     from service.app.core.config import Settings
     from service.app.triton import models
     assert cards.CARD_FILE == repository.CARD_FILE and cards.LEGACY_FILE == repository.LEGACY_FILE
+    assert cards.CARDS_DIR == repository.CARDS_DIR and cards.DEFAULT_PROFILE == repository.DEFAULT_PROFILE
+    assert models.DEFAULT_PROFILE == contract.DEFAULT_PROFILE and models.PROFILE_KEYS == contract.PROFILE_KEYS
     assert cards.SIGNED_SCHEMA == SCHEMA
     s = Settings()
     assert (s.PURIFIER_MODEL, s.CLASSIFIER_MODEL) == tuple(repository.ROLES)
     assert (repository.default_repository() / s.ENSEMBLE_MODEL / repository.CONFIG_FILE).exists()
-    assert (models.IMAGES, models.SEED, models.VOTES) == contract.PURIFIER_INPUTS
+    assert (models.IMAGES, models.SEED, models.VOTES, models.PROFILE) == contract.PURIFIER_INPUTS
     assert (models.PURIFIED,) == contract.PURIFIER_OUTPUTS
     assert {models.PROBS, models.LABEL, models.AGREEMENT} <= set(contract.CLASSIFIER_OUTPUTS)

@@ -18,7 +18,7 @@ from ..core.errors import ApiError
 from ..core.seeds import SeedPolicy
 from ..images import Decoded
 from ..schemas import SEED_MAX
-from ..triton.models import IMAGES, SEED, VOTES, PairInfo
+from ..triton.models import DEFAULT_PROFILE, IMAGES, PROFILE, SEED, VOTES, PairInfo
 from ..triton.pool import TritonPool
 
 PROBLEM_CODES = (400, 401, 413, 415, 422, 429, 502, 503, 504)
@@ -87,6 +87,26 @@ def current_pair(pool: TritonPool) -> PairInfo:
     return pair
 
 
+PROFILE_DOC = ("a serving profile of the deployed purifier: named purification settings, each with its own "
+               "robustness card (the receipt names the profile and that card); default: 'default'. Unknown: 422 "
+               "listing the known ones")
+
+
+def check_profile(pair: PairInfo, profile: Optional[str]) -> str:
+    """The profile name (None -> "default") if the deployed purifier declares it; 422 listing them otherwise. Nothing
+    reaches Triton for an unknown profile; a declared one whose card the served version refused is Triton's 4xx."""
+    name = DEFAULT_PROFILE if profile is None else profile
+    if name not in pair.profiles and not (name == DEFAULT_PROFILE and not pair.profiles):
+        known = ", ".join(pair.profiles) or DEFAULT_PROFILE
+        raise ApiError(422, "unknown_profile", f"unknown profile {name[:64]!r}; the deployed purifier (version "
+                       f"{pair.version}) serves the profiles: {known}")
+    return name
+
+
+def profile_receipt(pair: PairInfo, profile: str) -> dict:
+    return {"name": profile, "settings": pair.purification_for(profile)}
+
+
 def check_limits(pair: PairInfo, settings: Settings, n: int, votes: int) -> None:
     if n > pair.max_batch:
         raise ApiError(422, "too_many_images", f"{n} images in one request; the deployed model takes at most "
@@ -96,9 +116,12 @@ def check_limits(pair: PairInfo, settings: Settings, n: int, votes: int) -> None
         raise ApiError(422, "bad_parameter", f"votes must be in [1, {max_votes}], got {votes}")
 
 
-def builder(images: list[Decoded], seeds: list[int], votes: int, settings: Settings, shape: tuple[int, int, int]):
-    """build(pair) for TritonPool.run: the purifier's inputs for the pair the chosen backend serves."""
+def builder(images: list[Decoded], seeds: list[int], votes: int, settings: Settings, shape: tuple[int, int, int],
+            profile: str = DEFAULT_PROFILE):
+    """build(pair) for TritonPool.run: the purifier's inputs for the pair the chosen backend serves (PROFILE only
+    for a profile other than "default", so a purifier without profiles serves the default as before)."""
     def build(pair: PairInfo):
+        check_profile(pair, profile)
         if (pair.channels, pair.height, pair.width) != shape:
             raise ApiError(503, "triton_unavailable", "the deployed model changed its input shape while this "
                            "request was being read; retry", {"Retry-After": str(settings.RETRY_AFTER_S)})
@@ -106,6 +129,8 @@ def builder(images: list[Decoded], seeds: list[int], votes: int, settings: Setti
         feeds = {IMAGES: np.stack([d.array for d in images]), SEED: np.array(seeds, dtype=np.int64)[:, None]}
         if votes > 1:
             feeds[VOTES] = np.full((len(images), 1), votes, dtype=np.int32)
+        if profile != DEFAULT_PROFILE:
+            feeds[PROFILE] = np.array([[profile.encode()]] * len(images), dtype=np.object_)
         return feeds, votes
     return build
 
@@ -117,8 +142,8 @@ def model_info(settings: Settings, pair: PairInfo, with_classifier: bool) -> dic
             "class_names": list(pair.class_names) if pair.class_names else None}
 
 
-def robustness(cards: CardReader, pair: PairInfo) -> Optional[dict]:
-    return cards.summary(pair.version)
+def robustness(cards: CardReader, pair: PairInfo, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+    return cards.summary(pair.version, profile)
 
 
 def timings(t0: float, triton_s: float, decode_s: float) -> dict:

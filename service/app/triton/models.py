@@ -1,7 +1,8 @@
 """What the gateway knows about a deployed purifier/classifier version pair, read from Triton.
 
 Nothing about the models is hard-coded: tensor dtypes come from the model metadata of the pinned
-versions, the purification settings and max_votes from the purifier's config `parameters`, batch limits
+versions, the purification settings, the serving profiles and max_votes from the purifier's config `parameters`
+(`profiles`: JSON {name: {t_star, sampler, num_inference_steps}}; "default" is the top-level settings), batch limits
 from `max_batch_size`, and the image shape and class names from the `parameters` of the ensemble's
 config (the pair's public interface: `image_shape` "C,H,W" and `class_names` as a JSON list).
 """
@@ -11,7 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-IMAGES, SEED, VOTES, PURIFIED = "IMAGES", "SEED", "VOTES", "PURIFIED"
+IMAGES, SEED, VOTES, PROFILE, PURIFIED = "IMAGES", "SEED", "VOTES", "PROFILE", "PURIFIED"
+DEFAULT_PROFILE = "default"  # dbp.serving.contract.DEFAULT_PROFILE: the purifier's top-level settings
+PROFILE_KEYS = ("t_star", "sampler", "num_inference_steps")
 PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
 # the certify model (dbp.serving.contract.CERTIFY_INPUTS / CERTIFY_OUTPUTS)
 N, SIGMA, ALPHA = "N", "SIGMA", "ALPHA"
@@ -36,10 +39,20 @@ class PairInfo:
     max_votes: int
     max_batch: int
     dtypes: Mapping[str, str] = field(default_factory=dict)  # tensor name -> Triton datatype ("FP32", ...)
+    # serving profile -> its settings, "default" first; the purifier serves one only with a valid card of its own
+    profiles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def purification(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "num_inference_steps": self.num_inference_steps, "t_star": self.t_star}
+
+    def purification_for(self, profile: Optional[str]) -> dict[str, Any]:
+        """The settings a profile pins (None or "default": the top-level ones)."""
+        if profile in (None, DEFAULT_PROFILE):
+            return self.purification
+        p = self.profiles[profile]
+        return {"sampler": p.get("sampler"), "num_inference_steps": p.get("num_inference_steps"),
+                "t_star": p.get("t_star")}
 
     def names_for(self, n: int) -> list[str]:
         """Class names for n scores (indices as strings when the model does not name its classes)."""
@@ -107,6 +120,26 @@ def class_names(ensemble_cfg: Mapping[str, Any]) -> Optional[tuple[str, ...]]:
     return tuple(names)
 
 
+def profiles(purifier_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{profile: settings} the purifier declares: "default" (its top-level settings), then `profiles` (JSON)."""
+    pp = _params(purifier_cfg)
+    out: dict[str, dict[str, Any]] = {DEFAULT_PROFILE: {"t_star": _int(pp, "t_star"), "sampler": pp.get("sampler"),
+                                                        "num_inference_steps": _int(pp, "num_inference_steps")}}
+    raw = pp.get("profiles")
+    if not raw:
+        return out
+    try:
+        table = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InterfaceError(f"purifier parameter profiles={raw[:80]!r} is not JSON") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) and set(v) == set(PROFILE_KEYS)
+                                              for v in table.values()) or DEFAULT_PROFILE in table:
+        raise InterfaceError("purifier parameter profiles must map names (not 'default') to {t_star, sampler, "
+                             "num_inference_steps}")
+    out.update({str(k): {key: v[key] for key in PROFILE_KEYS} for k, v in table.items()})
+    return out
+
+
 def pair_info(version: int, purifier_cfg: Mapping[str, Any], classifier_cfg: Mapping[str, Any],
               ensemble_cfg: Mapping[str, Any], purifier_meta: Mapping[str, Any],
               classifier_meta: Mapping[str, Any]) -> PairInfo:
@@ -124,7 +157,7 @@ def pair_info(version: int, purifier_cfg: Mapping[str, Any], classifier_cfg: Map
             raise InterfaceError(f"tensor {name} is missing from the model metadata")
     return PairInfo(version=version, channels=c, height=h, width=w, class_names=names, t_star=_int(pp, "t_star"), sampler=pp.get("sampler"),
                     num_inference_steps=_int(pp, "num_inference_steps"), max_votes=min(votes) if votes else 1,
-                    max_batch=min(batches) if batches else 1, dtypes=dtypes)
+                    max_batch=min(batches) if batches else 1, dtypes=dtypes, profiles=profiles(purifier_cfg))
 
 
 def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) -> Optional[int]:

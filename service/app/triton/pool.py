@@ -270,6 +270,11 @@ class TritonPool:
                     outcome = "timeout"
                     raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "
                                    f"{self.settings.REQUEST_TIMEOUT_S:g} s") from None
+                if "INVALID_ARGUMENT" in status and "has no valid card" in msg:
+                    # a declared serving profile the served version refused to serve (its card is missing or
+                    # does not pass: dbp.serving.services.PurifierService), the request's own fault: 422
+                    outcome = "rejected"
+                    raise ApiError(422, "profile_not_served", msg) from None
                 if "INVALID_ARGUMENT" in status:
                     outcome = "rejected"
                     raise ApiError(400, "triton_rejected", f"Triton rejected the input: {msg}") from None

@@ -1,7 +1,7 @@
 """POST /classify: purify each image (purifier version N) and classify it (classifier version N)."""
 
 import time
-from typing import Annotated
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -9,8 +9,9 @@ from fastapi.responses import Response
 from ...core.config import Settings
 from ...schemas import ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
-from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
-                      json_response, problem_responses, request_seeds, robustness, timings, version_headers)
+from ..common import (PROFILE_DOC, ImageOptions, builder, check_profile, check_seed_allowed, current_pair,
+                      image_options, json_response, model_info, problem_responses, profile_receipt, request_seeds,
+                      robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
@@ -28,15 +29,17 @@ def router(settings: Settings) -> APIRouter:
         opts: Annotated[ImageOptions, Depends(image_options(settings))],
         votes: Annotated[int, Query(ge=1, le=settings.MAX_VOTES, description="independent purifications per "
                                     "image; the label is their majority, `agreement` its share")] = 1,
+        profile: Annotated[Optional[str], Query(max_length=64, description=PROFILE_DOC)] = None,
     ) -> Response:
         t0 = time.perf_counter()
         check_seed_allowed(policy, opts.seed)  # before any decoding or Triton call
         pair = current_pair(pool)
+        profile = check_profile(pair, profile)  # 422 for an unknown one, before any decoding or Triton call
         shape = (pair.channels, pair.height, pair.width)
         images, decode_s = await read_images(request, cfg, shape, opts.convert, opts.fit)
         seeds, noise_seeds = request_seeds(policy, opts.seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
-        out = await pool.run("classify", builder(images, noise_seeds, votes, cfg, shape), deadline)
+        out = await pool.run("classify", builder(images, noise_seeds, votes, cfg, shape, profile), deadline)
         pair = out.pair
         probs, labels, agree = out.outputs[PROBS], out.outputs[LABEL].reshape(-1), out.outputs[AGREEMENT].reshape(-1)
         names = pair.names_for(probs.shape[1])
@@ -55,8 +58,9 @@ def router(settings: Settings) -> APIRouter:
                 metrics.agreement.observe(float(a))
         t = timings(t0, out.triton_s, decode_s)
         body = ClassifyResponse.model_validate({
-            "model": model_info(cfg, pair, True), "purification": pair.purification,
-            "robustness": robustness(cards, pair), "votes": votes, "predictions": preds, "timings": t})
+            "model": model_info(cfg, pair, True), "purification": pair.purification_for(profile),
+            "profile": profile_receipt(pair, profile), "robustness": robustness(cards, pair, profile),
+            "votes": votes, "predictions": preds, "timings": t})
         return json_response(body, version_headers(pair, True, t))
 
     return r

@@ -12,8 +12,9 @@ from ...core.errors import ApiError
 from ...images import to_png
 from ...schemas import PurifyResponse
 from ...triton.models import PURIFIED
-from ..common import (ImageOptions, builder, check_seed_allowed, current_pair, image_options, model_info,
-                      json_response, problem_responses, request_seeds, robustness, timings, version_headers)
+from ..common import (PROFILE_DOC, ImageOptions, builder, check_profile, check_seed_allowed, current_pair,
+                      image_options, json_response, model_info, problem_responses, profile_receipt, request_seeds,
+                      robustness, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi, run_sized
 
@@ -42,10 +43,12 @@ def router(settings: Settings) -> APIRouter:
         format: Annotated[Optional[Literal["png", "json"]], Query(description="png (one image only) or json; "
                                                                   "default: png for one image unless Accept "
                                                                   "asks for application/json")] = None,
+        profile: Annotated[Optional[str], Query(max_length=64, description=PROFILE_DOC)] = None,
     ) -> Response:
         t0 = time.perf_counter()
         check_seed_allowed(policy, opts.seed)  # before any decoding or Triton call
         pair = current_pair(pool)
+        profile = check_profile(pair, profile)  # 422 for an unknown one, before any decoding or Triton call
         shape = (pair.channels, pair.height, pair.width)
         images, decode_s = await read_images(request, cfg, shape, opts.convert, opts.fit)
         as_json = wants_json(format, request.headers.get("accept", ""), len(images))
@@ -54,7 +57,7 @@ def router(settings: Settings) -> APIRouter:
                            "use format=json")
         seeds, noise_seeds = request_seeds(policy, opts.seed, images)
         deadline = time.monotonic() + cfg.REQUEST_TIMEOUT_S
-        out = await pool.run("purify", builder(images, noise_seeds, 1, cfg, shape), deadline)
+        out = await pool.run("purify", builder(images, noise_seeds, 1, cfg, shape, profile), deadline)
         pair = out.pair
         purified = out.outputs[PURIFIED]
         pngs = await run_sized(int(purified[0].size) * len(purified), lambda: [to_png(p) for p in purified])
@@ -64,16 +67,18 @@ def router(settings: Settings) -> APIRouter:
         headers = version_headers(pair, False, t)
         if not as_json:
             info = images[0].info
+            used = pair.purification_for(profile)
             headers.update({
-                "X-Seed": str(seeds[0]), "X-Purification-Sampler": str(pair.sampler),
-                "X-Purification-Steps": str(pair.num_inference_steps), "X-Purification-T-Star": str(pair.t_star),
+                "X-Seed": str(seeds[0]), "X-Purification-Profile": profile,
+                "X-Purification-Sampler": str(used["sampler"]),
+                "X-Purification-Steps": str(used["num_inference_steps"]), "X-Purification-T-Star": str(used["t_star"]),
                 "X-Input-Size": f"{info['width']}x{info['height']}", "X-Input-Mode": info["mode"],
                 "X-Input-Conversions": "; ".join(info["conversions"]) or "none"})
             return Response(pngs[0], media_type="image/png", headers=headers)
         mode = {1: "L", 3: "RGB"}.get(pair.channels, "?")
         body = PurifyResponse.model_validate({
-            "model": model_info(cfg, pair, False), "purification": pair.purification,
-            "robustness": robustness(cards, pair), "timings": t,
+            "model": model_info(cfg, pair, False), "purification": pair.purification_for(profile),
+            "profile": profile_receipt(pair, profile), "robustness": robustness(cards, pair, profile), "timings": t,
             "images": [{"index": i, "seed": seeds[i], "width": pair.width, "height": pair.height, "mode": mode,
                         "png_base64": base64.b64encode(png).decode(), "input": d.info}
                        for i, (d, png) in enumerate(zip(images, pngs))]})

@@ -1,0 +1,106 @@
+"""Serving profiles through the gateway (issue 22 item 5): a real uvicorn in front of a real tritonserver whose
+repository declares the test profiles (tests/helpers.py TEST_PROFILES: fast with its own card, mis with a card bound
+to other settings, nocard without one). The gateway learns the profiles from Triton's purifier config."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gateway_testing import Gateway
+from helpers import FAST_CARD_CLEAN, TEST_PROFILES, profile_repo, running_triton
+
+DEFAULT = {"t_star": 20, "sampler": "ddpm", "num_inference_steps": 50}  # helpers.FAST_PURIFIER
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_diffusion_ckpt, tiny_classifier_ckpt):
+    root = tmp_path_factory.mktemp("gw-profiles")
+    repo = profile_repo(root, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    with running_triton(repo, root / "run", ready_timeout=300) as srv:
+        gw = Gateway({"DBP_GATEWAY_TRITON_URLS": srv.grpc_url, "DBP_GATEWAY_PROBE_INTERVAL_S": "0.5",
+                      "DBP_GATEWAY_REQUEST_TIMEOUT_S": "60", "DBP_GATEWAY_MODEL_REPOSITORY": str(repo)}).start()
+        try:
+            gw.wait_ready()
+            yield repo, srv, gw
+        finally:
+            gw.stop()
+
+
+def _purifier_executions(srv) -> int:
+    import tritonclient.http as http
+
+    c = http.InferenceServerClient(srv.http_url)
+    try:
+        stats = c.get_inference_statistics("purifier")["model_stats"]
+        return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
+                   for s in stats)
+    finally:
+        c.close()
+
+
+def test_unknown_profile_is_422_listing_the_known_ones_and_nothing_reaches_triton(stack, fashion_pngs):
+    repo, srv, gw = stack
+    blob = list(fashion_pngs.values())[0]
+    before = _purifier_executions(srv)
+    with gw.client() as c:
+        for route in ("/classify", "/purify"):
+            r = c.post(route, params={"profile": "turbo"}, files=[("images", ("a.png", blob, "image/png"))])
+            assert r.status_code == 422, r.text
+            assert r.json()["reason"] == "unknown_profile"
+            assert "default, fast, mis, nocard" in r.json()["detail"]
+    assert _purifier_executions(srv) == before
+
+
+def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashion_pngs):
+    repo, srv, gw = stack
+    blob = list(fashion_pngs.values())[0]
+    with gw.client() as c:
+        fast = c.post("/classify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
+        plain = c.post("/classify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
+        png = c.post("/purify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
+        png_default = c.post("/purify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
+        png_again = c.post("/purify", params={"profile": "fast", "seed": 5},
+                           files=[("images", ("a.png", blob, "image/png"))])
+    assert fast.status_code == plain.status_code == png.status_code == 200, fast.text + plain.text + png.text
+    body, base = fast.json(), plain.json()
+    assert body["profile"] == {"name": "fast", "settings": TEST_PROFILES["fast"]}
+    assert body["purification"] == TEST_PROFILES["fast"]
+    assert base["profile"] == {"name": "default", "settings": DEFAULT} and base["purification"] == DEFAULT
+    # each receipt carries its own profile's card: fast's was written with a different clean accuracy
+    card = json.loads((repo / "purifier" / "1" / "cards" / "fast.json").read_text())
+    assert body["robustness"]["gate"] == "passed"
+    assert body["robustness"]["clean_accuracy"] == card["clean"]["purified"]["acc"] == pytest.approx(FAST_CARD_CLEAN,
+                                                                                                    abs=0.01)
+    assert base["robustness"]["clean_accuracy"] == pytest.approx(0.9, abs=0.01)
+    # /purify ran the fast chain: its headers say so, and its pixels are not the default chain's on the same seed
+    assert png.headers["X-Purification-Profile"] == "fast" and png.headers["X-Purification-T-Star"] == "40"
+    assert png.headers["X-Purification-Sampler"] == "ddim" and png_default.headers["X-Purification-Profile"] == "default"
+    assert png.content == png_again.content and png.content != png_default.content
+
+
+@pytest.mark.parametrize("profile", ["mis", "nocard"])
+def test_a_declared_profile_without_a_valid_card_is_a_4xx(stack, fashion_pngs, profile):
+    repo, srv, gw = stack
+    blob = list(fashion_pngs.values())[0]
+    with gw.client() as c:
+        r = c.post("/classify", params={"profile": profile}, files=[("images", ("a.png", blob, "image/png"))])
+        ok = c.post("/classify", files=[("images", ("a.png", blob, "image/png"))])
+    assert r.status_code == 422, r.text
+    assert r.json()["reason"] == "profile_not_served" and "has no valid card" in r.json()["detail"]
+    assert ok.status_code == 200  # the default keeps serving
+
+
+def test_profiles_unit_parsing():
+    from service.app.triton.models import InterfaceError, profiles
+
+    cfg = {"parameters": {"t_star": {"string_value": "20"}, "sampler": {"string_value": "ddpm"},
+                          "num_inference_steps": {"string_value": "50"},
+                          "profiles": {"string_value": json.dumps(TEST_PROFILES)}}}
+    table = profiles(cfg)
+    assert list(table) == ["default", "fast", "mis", "nocard"] and table["default"] == DEFAULT
+    assert table["fast"] == TEST_PROFILES["fast"]
+    with pytest.raises(InterfaceError):
+        profiles({"parameters": {"profiles": {"string_value": "{nope"}}})
+    assert np.array_equal(list(profiles({"parameters": {}})), ["default"])
