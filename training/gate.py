@@ -10,6 +10,9 @@ private key that signs the card (without it the card is written unsigned and can
   # a candidate, compared with the deployed version on the same images and seeds
   python -m training.gate --purifier runs/addt/checkpoint --classifier runs/classifier/checkpoint \
       --preset cpu --baseline_card runs/gate/v2/card.json --out_dir runs/gate/cand
+  # a serving profile's card (its t_star / sampler / steps from config.pbtxt `profiles`), then attach it
+  python -m training.gate --repository model_repository --version 2 --profile fast --preset cpu --out_dir runs/gate/v2-fast
+  python -m training.profiles add --repository model_repository --version 2 --profile fast --card runs/gate/v2-fast/card.json
   # convergence evidence: robust accuracy vs PGD steps 20/50/100 and EoT 10/20/50 on a few images
   python -m training.gate --preset cpu --report convergence --n_images 8 --out_dir runs/gate/convergence
   # paper scale (1024 images, DDPM 101 steps, PGD-20 + EoT-10): a GPU job, sharded

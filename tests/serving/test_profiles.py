@@ -225,3 +225,16 @@ def test_triton_serves_profiles_through_purifier_and_ensemble(repo, purifier, tm
             c.close()
         log = srv.log_path.read_text()
         assert "not serving profile 'mis'" in log and "not serving profile 'nocard'" in log, srv.log_tail()
+
+
+def test_gate_profile_reads_the_pinned_settings(repo):
+    from dbp.gate.config import GateConfig, GateError, use_served_purification
+
+    cfg = GateConfig(repository=str(repo), version=1, profile="fast")
+    use_served_purification(cfg)
+    assert {"t_star": cfg.t_star, "sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps} \
+        == TEST_PROFILES["fast"] and cfg.votes == 16
+    with pytest.raises(GateError, match="contradicts"):
+        use_served_purification(GateConfig(repository=str(repo), version=1, profile="fast", t_star=100))
+    with pytest.raises(GateError, match="default, fast, mis, nocard"):
+        use_served_purification(GateConfig(repository=str(repo), version=1, profile="turbo"))
