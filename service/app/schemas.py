@@ -46,7 +46,7 @@ class Purification(BaseModel):
 
 class ServingProfile(BaseModel):
     name: str = Field(..., description="the serving profile the request ran (query parameter `profile`; "
-                      "'default' when none was given)", examples=["strong"])
+                      "'default' when none was given)", examples=["fast"])
     settings: Purification = Field(..., description="the purification settings that profile pins")
 
 
