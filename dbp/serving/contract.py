@@ -14,6 +14,10 @@ Tensor contract (batch dim B first, as Triton's max_batch_size implies):
   classifier  IMAGES  FP32 [B, k*C, H, W] (a purifier output), VOTES as above
            -> LOGITS [B, n] (mean over votes), PROBS [B, n] (mean softmax over votes),
               LABEL INT64 [B, 1] (majority of the k votes), AGREEMENT FP32 [B, 1] (share of votes for LABEL)
+  both        VERSION INT64 [B, 1]: the version number of the model instance that computed the row
+  ensemble    purify_classify: the purifier's inputs -> the classifier's outputs, its VERSION as CLASSIFIER_VERSION
+              and the purifier's as PURIFIER_VERSION (the ensemble runs the newest version of each: a client that
+              pinned a pair checks these against it; the gateway does, service/app/triton/pool.py)
 Votes travel in the channel dimension, not the batch one, so every step of the ensemble keeps the
 client's batch size B (Triton rejects inputs whose batch sizes differ) and max_batch_size counts images.
 """
@@ -28,9 +32,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES", "PROFILE")
-PURIFIER_OUTPUTS = ("PURIFIED",)
+VERSION = "VERSION"  # every row's answering model version, an output of the purifier and the classifier
+PURIFIER_OUTPUTS = ("PURIFIED", VERSION)
 CLASSIFIER_INPUTS = ("IMAGES", "VOTES")
-CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT")
+CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT", VERSION)
+# the ensemble (purify_classify): the purifier's inputs; the classifier's outputs with VERSION renamed per step
+PURIFIER_VERSION, CLASSIFIER_VERSION = "PURIFIER_VERSION", "CLASSIFIER_VERSION"
+ENSEMBLE_OUTPUTS = tuple(o for o in CLASSIFIER_OUTPUTS if o != VERSION) + (PURIFIER_VERSION, CLASSIFIER_VERSION)
 # certify (randomized smoothing, dbp.certify): per image a seed (required: an answer is reproducible) and the
 # request's n, sigma, alpha (the same for every image of a request) -> LABEL (-1 = abstain), RADIUS (l_2, pixels
 # in [0, 1]), P_LOWER (Clopper-Pearson lower bound of p_A), COUNT (c_A's count among n), COUNTS (per class),

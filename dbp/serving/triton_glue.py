@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .contract import (CERTIFY_INPUTS, CERTIFY_OUTPUTS, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, PURIFIER_INPUTS,
-                       PURIFIER_OUTPUTS, CertifySettings, ClassifierSettings, PurifierSettings, RequestError,
+                       PURIFIER_OUTPUTS, VERSION, CertifySettings, ClassifierSettings, PurifierSettings, RequestError,
                        parse_parameters)
 
 
@@ -80,6 +80,21 @@ def triton_execute(pb_utils, service: Callable, requests: Sequence, input_names:
     return [response(r) for r in service([{n: as_numpy(q, n) for n in input_names} for q in requests])]
 
 
+def with_version(service: Callable, version: int) -> Callable:
+    """The service, each answer with VERSION [B, 1] = `version` added (B: the rows of its first output): which model
+    version computed the rows, so a client that pinned a version pair can check what answered (the ensemble runs the
+    newest version of each model; dbp.serving.contract)."""
+    def run(requests):
+        out = []
+        for r in service(requests):
+            if not isinstance(r, Exception):
+                rows = len(np.asarray(next(iter(r.values()))))
+                r = {**r, VERSION: np.full((rows, 1), version, dtype=np.int64)}
+            out.append(r)
+        return out
+    return run
+
+
 class TritonPythonModel:
     """The purifier, the classifier or certify, by the model's name: its settings from config.pbtxt `parameters`, its
     service from the version dir (weights + card), its output dtypes from the config's `output` entries."""
@@ -99,8 +114,11 @@ class TritonPythonModel:
         self.dtypes = output_dtypes(pb_utils, config, self.role.outputs)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.service = getattr(services, self.role.service)(version_dir, settings)
+        # VERSION (the purifier's and the classifier's outputs): the version number of this instance, every row
+        self.serve = (with_version(self.service, int(args["model_version"])) if VERSION in self.role.outputs
+                      else self.service)
         pb_utils.Logger.log_info(f"{name} v{args['model_version']}: {settings}, input {self.service.chw}"
                                  f"{self.role.describe(self.service)}")
 
     def execute(self, requests):
-        return triton_execute(self.pb_utils, self.service, requests, self.role.inputs, self.dtypes)
+        return triton_execute(self.pb_utils, self.serve, requests, self.role.inputs, self.dtypes)

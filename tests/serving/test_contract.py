@@ -31,6 +31,18 @@ def test_tensor_names_match_the_configs():
                   re.findall(r"^(input|output)\s*\[(.*?)^\]", text, re.S | re.M)}
         assert set(blocks["input"]) == set(inputs) and set(blocks["output"]) == set(outputs), text
 
+def test_the_ensemble_reports_which_versions_answered():
+    """purify_classify: the purifier's inputs, the classifier's outputs but VERSION, and each step's VERSION under
+    its own name (PURIFIER_VERSION, CLASSIFIER_VERSION), declared INT64 [1] like the models'."""
+    text = (MODEL_REPOSITORY / "purify_classify" / repository.CONFIG_FILE).read_text()
+    blocks = {k: re.findall(r'name:\s*"(\w+)"', v) for k, v in
+              re.findall(r"^(input|output)\s*\[(.*?)^\]", text, re.S | re.M)}
+    assert blocks["input"] == list(contract.PURIFIER_INPUTS) and blocks["output"] == list(contract.ENSEMBLE_OUTPUTS)
+    for name in (contract.PURIFIER_VERSION, contract.CLASSIFIER_VERSION):
+        assert re.search(rf'name: "{name}", data_type: TYPE_INT64, dims: \[ 1 \]', text)
+    steps = dict(re.findall(r'model_name: "(\w+)".*?output_map \{ key: "VERSION" value: "(\w+)" \}', text, re.S))
+    assert steps == {"purifier": contract.PURIFIER_VERSION, "classifier": contract.CLASSIFIER_VERSION}
+
 
 def test_aggregate_votes_majority_agreement_and_ties():
     # image 0: votes 2,2,1 -> label 2, agreement 2/3; image 1: votes 0,3 tie, vote for 3 is more confident

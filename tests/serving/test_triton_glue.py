@@ -42,18 +42,20 @@ def test_every_shipped_model_py_is_the_generic_model():
 def test_output_dtypes_come_from_the_model_config():
     pb = real_pb_utils()
     assert triton_glue.output_dtypes(pb, model_config("classifier"), contract.CLASSIFIER_OUTPUTS) == {
-        "LOGITS": np.float32, "PROBS": np.float32, "LABEL": np.int64, "AGREEMENT": np.float32}
+        "LOGITS": np.float32, "PROBS": np.float32, "LABEL": np.int64, "AGREEMENT": np.float32, "VERSION": np.int64}
     assert triton_glue.output_dtypes(pb, model_config("purifier"), contract.PURIFIER_OUTPUTS) == {
-        "PURIFIED": np.float32}
+        "PURIFIED": np.float32, "VERSION": np.int64}
     config = model_config("classifier")
     config["output"][3]["data_type"] = "TYPE_FP64"
     assert triton_glue.output_dtypes(pb, config, contract.CLASSIFIER_OUTPUTS)["AGREEMENT"] == np.float64
-    config["output"].pop()
-    try:
-        triton_glue.output_dtypes(pb, config, contract.CLASSIFIER_OUTPUTS)
-        raise AssertionError("a config without AGREEMENT must fail the load")
-    except ValueError as e:
-        assert "AGREEMENT" in str(e)
+    for name in ("AGREEMENT", "VERSION"):
+        config = model_config("classifier")
+        config["output"] = [o for o in config["output"] if o["name"] != name]
+        try:
+            triton_glue.output_dtypes(pb, config, contract.CLASSIFIER_OUTPUTS)
+            raise AssertionError(f"a config without {name} must fail the load")
+        except ValueError as e:
+            assert name in str(e)
 
 
 def fake_pb_utils():
@@ -88,3 +90,15 @@ def test_triton_execute_sends_the_config_dtypes_and_one_answer_per_request():
     # a model.py exported before the generic model passes no dtypes: floats go as float32, integers as int64
     legacy, *_ = triton_glue.triton_execute(pb, service, [{"IMAGES": 1}, {}, {}], contract.CLASSIFIER_INPUTS)
     assert {k: a.dtype for k, a in legacy.outputs} == dtypes
+
+
+def test_with_version_adds_the_instance_version_to_every_answer():
+    """VERSION [B, 1] = the model version on each answered request's rows; errors pass through untouched."""
+    logits = np.array([[0.0, 2.0], [0.0, 1.0], [3.0, 0.0]], np.float32)
+    bad = contract.RequestError("bad")
+    serve = triton_glue.with_version(lambda reqs: [contract.aggregate_votes(logits, 1), bad,
+                                                   {"PURIFIED": np.zeros((2, 1, 4, 4), np.float32)}], 7)
+    good, err, purified = serve([{}, {}, {}])
+    assert good["VERSION"].tolist() == [[7], [7], [7]] and good["VERSION"].dtype == np.int64
+    assert set(good) == set(contract.CLASSIFIER_OUTPUTS) and err is bad
+    assert purified["VERSION"].tolist() == [[7], [7]] and set(purified) == set(contract.PURIFIER_OUTPUTS)

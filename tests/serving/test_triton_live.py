@@ -17,6 +17,7 @@ import torch
 
 from helpers import Client, images, running_triton, seeds, served_purification, votes, write_card
 from dbp import publish
+from dbp.serving.contract import CLASSIFIER_OUTPUTS, ENSEMBLE_OUTPUTS, PURIFIER_OUTPUTS
 
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
@@ -53,12 +54,17 @@ def test_infer_all_three_models(server, services, proto):
     c = Client(server, proto)
     try:
         x = images(3, seed=1)
-        p = c.infer("purifier", IMAGES=x, SEED=seeds(1, 2, 3))["PURIFIED"]
+        pout = c.infer("purifier", IMAGES=x, SEED=seeds(1, 2, 3))
+        p = pout["PURIFIED"]
+        # every model answers which version computed each row (INT64 [B, 1])
+        assert set(pout) == set(PURIFIER_OUTPUTS) and pout["VERSION"].dtype == np.int64
+        assert pout["VERSION"].tolist() == [[1]] * 3
         assert p.shape == x.shape and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
         # the server runs exactly the in-process computation (same noise from the same seeds)
         np.testing.assert_allclose(p, pur([{"IMAGES": x, "SEED": seeds(1, 2, 3)}])[0]["PURIFIED"], atol=1e-5)
 
         out = c.infer("classifier", IMAGES=p)
+        assert set(out) == set(CLASSIFIER_OUTPUTS) and out["VERSION"].tolist() == [[1]] * 3
         with torch.inference_mode():
             ref = cls.model(torch.from_numpy(p.copy())).numpy()
         np.testing.assert_allclose(out["LOGITS"], ref, atol=1e-4)
@@ -66,7 +72,8 @@ def test_infer_all_three_models(server, services, proto):
         assert out["LABEL"].ravel().tolist() == ref.argmax(1).tolist()
 
         ens = c.infer("purify_classify", IMAGES=x, SEED=seeds(1, 2, 3))
-        assert set(ens) == {"LOGITS", "PROBS", "LABEL", "AGREEMENT"}
+        assert set(ens) == set(ENSEMBLE_OUTPUTS)
+        assert ens["PURIFIER_VERSION"].tolist() == ens["CLASSIFIER_VERSION"].tolist() == [[1]] * 3
         np.testing.assert_allclose(ens["LOGITS"], out["LOGITS"], atol=1e-4)  # purifier then classifier
         assert np.all(ens["AGREEMENT"] == 1)
     finally:
