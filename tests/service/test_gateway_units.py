@@ -6,7 +6,7 @@ import pytest
 from gateway_testing import png_bytes
 from service.app.core.errors import ApiError
 from service.app.images import decode
-from service.app.triton.models import InterfaceError, newest_pair, pair_info
+from service.app.triton.models import InterfaceError, newest_pair, one_call_blocker, pair_info
 
 
 def idx(**versions):
@@ -19,6 +19,30 @@ def test_newest_pair_is_the_newest_version_ready_for_both():
     assert newest_pair(idx(purifier=[(1, "READY"), (3, "READY")], classifier=[(3, "READY"), (4, "READY")]),
                        "purifier", "classifier") == 3
     assert newest_pair(idx(purifier=[(2, "UNAVAILABLE")], classifier=[(2, "READY")]), "purifier", "classifier") is None
+
+
+def ensemble_cfg(outputs=("PROBS", "LABEL", "PURIFIER_VERSION", "CLASSIFIER_VERSION"), purifier="-1",
+                 classifier="-1"):
+    """The ensemble's config as Triton's get_model_config(as_json=True) gives it (int64 as strings)."""
+    return {"output": [{"name": n} for n in outputs], "ensemble_scheduling": {"step": [
+        {"model_name": "purifier", "model_version": purifier}, {"model_name": "classifier", "model_version": classifier}]}}
+
+
+def test_one_call_only_when_the_ensemble_runs_the_pinned_pair_and_says_so():
+    both2 = idx(purifier=[(1, "READY"), (2, "READY")], classifier=[(1, "READY"), (2, "READY")],
+                purify_classify=[(1, "READY")])
+    def blocker(index, cfg, n):
+        return one_call_blocker(index, "purify_classify", cfg, "purifier", "classifier", n)
+    assert blocker(both2, ensemble_cfg(), 2) == ""
+    assert blocker(both2, ensemble_cfg(), 1) == "not_newest"  # pinned 1 (e.g. by a probe), the ensemble runs 2
+    newer_purifier = idx(purifier=[(1, "READY"), (2, "READY")], classifier=[(1, "READY")],
+                         purify_classify=[(1, "READY")])
+    assert newest_pair(newer_purifier, "purifier", "classifier") == 1
+    assert blocker(newer_purifier, ensemble_cfg(), 1) == "not_newest"
+    assert blocker(newer_purifier, ensemble_cfg(purifier="1"), 1) == ""  # a step that pins version 1
+    assert blocker(both2, ensemble_cfg(outputs=("PROBS", "LABEL")), 2) == "no_version_outputs"  # an older config
+    assert blocker(idx(purifier=[(2, "READY")], classifier=[(2, "READY")], purify_classify=[(1, "UNAVAILABLE")]),
+                   ensemble_cfg(), 2) == "no_ensemble"
 
 
 def meta(*names):
@@ -93,5 +117,9 @@ def test_what_the_gateway_restates_of_dbp_is_the_same():
     assert (s.PURIFIER_MODEL, s.CLASSIFIER_MODEL) == tuple(repository.ROLES)
     assert (repository.default_repository() / s.ENSEMBLE_MODEL / repository.CONFIG_FILE).exists()
     assert (models.IMAGES, models.SEED, models.VOTES, models.PROFILE) == contract.PURIFIER_INPUTS
-    assert (models.PURIFIED,) == contract.PURIFIER_OUTPUTS
+    assert (models.PURIFIED, models.VERSION) == contract.PURIFIER_OUTPUTS and models.VERSION == contract.VERSION
+    assert (models.PURIFIER_VERSION, models.CLASSIFIER_VERSION) == (contract.PURIFIER_VERSION,
+                                                                    contract.CLASSIFIER_VERSION)
+    assert {models.PROBS, models.LABEL, models.AGREEMENT, models.PURIFIER_VERSION,
+            models.CLASSIFIER_VERSION} <= set(contract.ENSEMBLE_OUTPUTS)
     assert {models.PROBS, models.LABEL, models.AGREEMENT} <= set(contract.CLASSIFIER_OUTPUTS)

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
 
     # --- time --------------------------------------------------------------------------------------
     REQUEST_TIMEOUT_S: float = Field(60.0, gt=0, le=3600, description="budget for all Triton calls of a request")
+    ONE_CALL: bool = Field(True, description="/classify as one call to the ensemble, its answer checked to come from "
+                           "the pinned pair (else the two pinned calls); false: always purifier/N then classifier/N")
     PROBE_INTERVAL_S: float = Field(2.0, gt=0, le=300, description="readiness probe of every Triton URL")
     PROBE_TIMEOUT_S: float = Field(2.0, gt=0, le=60)
     RETRY_AFTER_S: int = Field(2, ge=1, le=3600, description="Retry-After of 429/503 answers")

@@ -11,6 +11,11 @@ LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 VOTE_BUCKETS = (1, 2, 3, 4, 5, 8, 10, 16, 32)
 AGREEMENT_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .9, .99, 1.0)
+# why a /classify request took the two pinned calls (purifier/N, then classifier/N) instead of one ensemble call
+# (service/app/triton/pool.py): the ensemble would not run the pair (a newer version of one model is loaded, or a step
+# pins another version), is not loaded, does not report which versions answered, answered with other versions than
+# the pair's, or failed (the pinned calls then give the request its own answer or error)
+FALLBACK_REASONS = ("not_newest", "no_ensemble", "no_version_outputs", "version_mismatch", "ensemble_error")
 ENDPOINTS = ("/classify", "/purify", "/certify", "/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
 
 
@@ -44,6 +49,11 @@ class GatewayMetrics:
         self.backend_requests = Counter("dbp_gateway_triton_requests_total", "Requests sent to each Triton URL, "
                                         "by outcome (ok, rejected, unavailable, timeout, error, refused)",
                                         ["url", "outcome"], registry=r)
+        self.classify_fallbacks = Counter("dbp_gateway_classify_fallbacks_total", "/classify requests answered by "
+                                          "the two pinned calls (purifier/N, classifier/N) instead of one call to the "
+                                          "ensemble, by reason", ["reason"], registry=r)
+        for reason in FALLBACK_REASONS:
+            self.classify_fallbacks.labels(reason)  # every reason visible at 0
         self._pairs: set[tuple[str, str, str]] = set()
 
     def set_pairs(self, pairs: set[tuple[str, str, str]]) -> None:

@@ -16,6 +16,9 @@ IMAGES, SEED, VOTES, PROFILE, PURIFIED = "IMAGES", "SEED", "VOTES", "PROFILE", "
 DEFAULT_PROFILE = "default"  # dbp.serving.contract.DEFAULT_PROFILE: the purifier's top-level settings
 PROFILE_KEYS = ("t_star", "sampler", "num_inference_steps")
 PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
+# every row's answering version (dbp.serving.contract.VERSION): an output of the purifier and the classifier, renamed
+# per step by the ensemble
+VERSION, PURIFIER_VERSION, CLASSIFIER_VERSION = "VERSION", "PURIFIER_VERSION", "CLASSIFIER_VERSION"
 # the certify model (dbp.serving.contract.CERTIFY_INPUTS / CERTIFY_OUTPUTS)
 N, SIGMA, ALPHA = "N", "SIGMA", "ALPHA"
 RADIUS, P_LOWER, COUNT, COUNTS, SECONDS = "RADIUS", "P_LOWER", "COUNT", "COUNTS", "SECONDS"
@@ -41,6 +44,8 @@ class PairInfo:
     dtypes: Mapping[str, str] = field(default_factory=dict)  # tensor name -> Triton datatype ("FP32", ...)
     # serving profile -> its settings, "default" first; the purifier serves one only with a valid card of its own
     profiles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # which of "purifier", "classifier" answer VERSION (their metadata's outputs): checked on the pinned calls
+    versioned: frozenset = frozenset()
 
     @property
     def purification(self) -> dict[str, Any]:
@@ -155,9 +160,12 @@ def pair_info(version: int, purifier_cfg: Mapping[str, Any], classifier_cfg: Map
     for name in (IMAGES, PURIFIED, PROBS, LABEL):
         if name not in dtypes:
             raise InterfaceError(f"tensor {name} is missing from the model metadata")
+    versioned = frozenset(role for role, meta in (("purifier", purifier_meta), ("classifier", classifier_meta))
+                          if any(t.get("name") == VERSION for t in meta.get("outputs") or []))
     return PairInfo(version=version, channels=c, height=h, width=w, class_names=names, t_star=_int(pp, "t_star"), sampler=pp.get("sampler"),
                     num_inference_steps=_int(pp, "num_inference_steps"), max_votes=min(votes) if votes else 1,
-                    max_batch=min(batches) if batches else 1, dtypes=dtypes, profiles=profiles(purifier_cfg))
+                    max_batch=min(batches) if batches else 1, dtypes=dtypes, profiles=profiles(purifier_cfg),
+                    versioned=versioned)
 
 
 def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) -> Optional[int]:
@@ -173,6 +181,31 @@ def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) 
 
 def ready_state(index: list[Mapping[str, Any]], name: str) -> bool:
     return any(m.get("name") == name and m.get("state") == "READY" for m in index)
+
+
+def one_call_blocker(index: list[Mapping[str, Any]], ensemble: str, ensemble_cfg: Mapping[str, Any], purifier: str,
+                     classifier: str, version: int) -> str:
+    """"" when one call to the ensemble runs exactly purifier/version and classifier/version (as far as the repository
+    index says now) and reports which versions answered (PURIFIER_VERSION, CLASSIFIER_VERSION); else why not, a
+    metrics.FALLBACK_REASONS entry. The answer's versions are checked all the same: the index can change meanwhile."""
+    if not ready_state(index, ensemble):
+        return "no_ensemble"
+    outs = {t.get("name") for t in ensemble_cfg.get("output") or []}
+    if not {PURIFIER_VERSION, CLASSIFIER_VERSION} <= outs:
+        return "no_version_outputs"
+    steps = {}
+    for st in (ensemble_cfg.get("ensemble_scheduling") or {}).get("step") or []:
+        try:
+            steps[st.get("model_name")] = int(st.get("model_version", -1))
+        except (TypeError, ValueError):
+            steps[st.get("model_name")] = -1
+    for model in (purifier, classifier):
+        if model not in steps:
+            return "no_ensemble"
+        runs = steps[model] if steps[model] > 0 else newest_ready(index, model)  # -1 (or unset): the newest READY
+        if runs != version:
+            return "not_newest"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ both READY) whose interface could be read. Requests go to the ready backend with
 flight; a backend that refuses a connection is marked unready at once and the request moves on to the
 next one while its deadline allows. The probe brings backends back when they recover, so the gateway
 serves again after a Triton restart without restarting itself.
+
+/classify is one call to the ensemble when it runs the pinned pair (the probe checks the repository index:
+one_call_blocker), and every row of its answer must say so (PURIFIER_VERSION and CLASSIFIER_VERSION = N);
+otherwise, or if the ensemble fails, the request takes the two pinned calls, purifier/N then classifier/N, and
+dbp_gateway_classify_fallbacks_total counts it by reason. Either way the answer comes from the pair whose card
+the receipt names.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from ..core.config import Settings
 from ..core.errors import ApiError
 from ..core.metrics import GatewayMetrics
-from .models import (AGREEMENT, CERTIFY_OUTPUTS, IMAGES, LABEL, PROBS, PURIFIED, SEED, VOTES, CertifyInfo,
-                     InterfaceError, PairInfo, certify_info, newest_pair, newest_ready, pair_info, ready_state)
+from .models import (AGREEMENT, CERTIFY_OUTPUTS, CLASSIFIER_VERSION, IMAGES, LABEL, PROBS, PURIFIED, PURIFIER_VERSION,
+                     SEED, VERSION, VOTES, CertifyInfo, InterfaceError, PairInfo, certify_info, newest_pair,
+                     newest_ready, one_call_blocker, pair_info, ready_state)
 
 log = logging.getLogger("service.triton")
 MAX_MESSAGE = 2**31 - 1
@@ -47,6 +54,7 @@ class Backend:
     reason: str = "not probed yet"
     pair: Optional[PairInfo] = None
     ensemble_ready: bool = False
+    one_call: str = "not probed yet"  # "": /classify may be one ensemble call; else why not (FALLBACK_REASONS)
     certify: Optional[CertifyInfo] = None  # the certify model, when loaded (optional: the backend is ready without)
     certify_reason: str = "not probed yet"
     in_flight: int = 0
@@ -112,9 +120,9 @@ class TritonPool:
 
     async def probe(self, b: Backend) -> None:
         async with b.lock:
-            ready, reason, pair, ens = False, "", None, False
+            ready, reason, pair, ens, one = False, "", None, False, "not probed yet"
             try:
-                pair, ens = await asyncio.wait_for(self._read_pair(b), self.settings.PROBE_TIMEOUT_S)
+                pair, ens, one = await asyncio.wait_for(self._read_pair(b), self.settings.PROBE_TIMEOUT_S)
                 ready, reason = pair is not None, "ok" if pair is not None else self._no_pair_reason
             except asyncio.TimeoutError:
                 reason = f"no answer within {self.settings.PROBE_TIMEOUT_S:g} s"
@@ -127,7 +135,10 @@ class TritonPool:
             if ready != b.ready:
                 log.log(logging.INFO if ready else logging.WARNING, "Triton %s is now %s (%s)", b.url,
                         "ready" if ready else "NOT ready", reason)
-            b.ready, b.reason, b.pair, b.ensemble_ready = ready, reason, pair, ens
+            if ready and one != b.one_call:
+                log.info("Triton %s: /classify %s", b.url, "in one ensemble call" if not one else
+                         f"in two pinned calls ({one})")
+            b.ready, b.reason, b.pair, b.ensemble_ready, b.one_call = ready, reason, pair, ens, one
             if ready:
                 b.certify, b.certify_reason = await self._read_certify(b)
             else:
@@ -137,7 +148,7 @@ class TritonPool:
 
     _no_pair_reason = "no version N with both purifier N and classifier N READY"
 
-    async def _read_pair(self, b: Backend) -> tuple[Optional[PairInfo], bool]:
+    async def _read_pair(self, b: Backend) -> tuple[Optional[PairInfo], bool, str]:
         s, c = self.settings, b.client
         if not await c.is_server_live():  # not is_server_ready: strict readiness is false while a new version loads
             raise InterfaceError("Triton server is not live")
@@ -145,7 +156,7 @@ class TritonPool:
         ens = ready_state(index, s.ENSEMBLE_MODEL)
         n = newest_pair(index, s.PURIFIER_MODEL, s.CLASSIFIER_MODEL)
         if n is None:
-            return None, ens
+            return None, ens, "no pair"
         v = str(n)
         pc, cc, ec, pm, cm = await asyncio.gather(
             c.get_model_config(s.PURIFIER_MODEL, v, as_json=True),
@@ -153,7 +164,8 @@ class TritonPool:
             c.get_model_config(s.ENSEMBLE_MODEL, as_json=True),
             c.get_model_metadata(s.PURIFIER_MODEL, v, as_json=True),
             c.get_model_metadata(s.CLASSIFIER_MODEL, v, as_json=True))
-        return pair_info(n, pc["config"], cc["config"], ec["config"], pm, cm), ens
+        one = one_call_blocker(index, s.ENSEMBLE_MODEL, ec["config"], s.PURIFIER_MODEL, s.CLASSIFIER_MODEL, n)
+        return pair_info(n, pc["config"], cc["config"], ec["config"], pm, cm), ens, one
 
     async def _read_certify(self, b: Backend) -> tuple[Optional[CertifyInfo], str]:
         """The certify model's limits, or None and why (absent, not loaded, or describing itself badly); never
@@ -221,14 +233,50 @@ class TritonPool:
         t.set_data_from_numpy(arr)
         return t
 
-    async def _call(self, b: Backend, model: str, version: int, inputs: list, outputs: Sequence[str],
+    async def _call(self, b: Backend, model: str, version: Optional[int], inputs: list, outputs: Sequence[str],
                     deadline: float) -> dict[str, np.ndarray]:
+        """One inference; version None: the model's own choice (the ensemble's only version)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise asyncio.TimeoutError
-        res = await b.client.infer(model, inputs, model_version=str(version),
+        res = await b.client.infer(model, inputs, model_version="" if version is None else str(version),
                                    outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=remaining)
         return {o: res.as_numpy(o) for o in outputs}
+
+    async def _pinned(self, b: Backend, model: str, pair: PairInfo, role: str, inputs: list,
+                      outputs: Sequence[str], deadline: float) -> dict[str, np.ndarray]:
+        """A call to model/N of the pair; its VERSION, when the model answers one, must be N on every row."""
+        checked = role in pair.versioned
+        out = await self._call(b, model, pair.version, inputs, list(outputs) + ([VERSION] if checked else []),
+                               deadline)
+        if checked:
+            v = out.pop(VERSION)
+            if not np.all(v == pair.version):
+                raise ApiError(502, "triton_error", f"{model}/{pair.version} answered with rows of version(s) "
+                               f"{sorted(set(np.asarray(v).reshape(-1).tolist()))}")
+        return out
+
+    async def _one_call(self, b: Backend, pair: PairInfo, inputs: list, rows: int,
+                        deadline: float) -> tuple[Optional[dict[str, np.ndarray]], str]:
+        """/classify as one call to the ensemble: (its outputs, "") if every row came from the pinned pair, else
+        (None, why not). A timeout is the request's (504); any other failure leaves it to the pinned calls, whose
+        answer, or error, is the pair's own."""
+        try:
+            out = await self._call(b, self.settings.ENSEMBLE_MODEL, None, inputs,
+                                   [PROBS, LABEL, AGREEMENT, PURIFIER_VERSION, CLASSIFIER_VERSION], deadline)
+        except InferenceServerException as e:
+            status, msg = _status(e), e.message() or str(e)
+            if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
+                raise
+            log.info("ensemble call on %s failed (%s: %s); falling back to the pinned calls", b.url, status, msg)
+            return None, "ensemble_error"
+        pv, cv = out.pop(PURIFIER_VERSION), out.pop(CLASSIFIER_VERSION)
+        if pv.size != rows or cv.size != rows or np.any(pv != pair.version) or np.any(cv != pair.version):
+            log.warning("the ensemble on %s answered with purifier %s / classifier %s, not the pinned pair %d: "
+                        "falling back to the pinned calls", b.url, sorted(set(pv.reshape(-1).tolist())),
+                        sorted(set(cv.reshape(-1).tolist())), pair.version)
+            return None, "version_mismatch"
+        return out, ""
 
     async def run(self, kind: str, build, deadline: float) -> Outcome:
         """Run `kind` ("classify" or "purify") on the best ready backend, moving on to the next one if a
@@ -251,13 +299,22 @@ class TritonPool:
                     return Outcome(pair, b.url, out, time.monotonic() - t0, cert)
                 feeds, votes = build(pair)
                 inputs = [self._input(pair, k, v) for k, v in feeds.items()]
-                out = await self._call(b, self.settings.PURIFIER_MODEL, pair.version, inputs, [PURIFIED], deadline)
+                if kind == "classify" and self.settings.ONE_CALL:
+                    why = b.one_call
+                    if not why:
+                        one, why = await self._one_call(b, pair, inputs, len(feeds[IMAGES]), deadline)
+                        if one is not None:
+                            outcome = "ok"
+                            return Outcome(pair, b.url, one, time.monotonic() - t0)
+                    self.metrics.classify_fallbacks.labels(why).inc()
+                out = await self._pinned(b, self.settings.PURIFIER_MODEL, pair, "purifier", inputs, [PURIFIED],
+                                         deadline)
                 if kind == "classify":
                     cin = [self._input(pair, IMAGES, out[PURIFIED])]
                     if votes > 1:
                         cin.append(self._input(pair, VOTES, np.full((out[PURIFIED].shape[0], 1), votes)))
-                    out.update(await self._call(b, self.settings.CLASSIFIER_MODEL, pair.version, cin,
-                                                [PROBS, LABEL, AGREEMENT], deadline))
+                    out.update(await self._pinned(b, self.settings.CLASSIFIER_MODEL, pair, "classifier", cin,
+                                                  [PROBS, LABEL, AGREEMENT], deadline))
                 outcome = "ok"
                 return Outcome(pair, b.url, out, time.monotonic() - t0)
             except asyncio.TimeoutError:
