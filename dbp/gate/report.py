@@ -24,6 +24,15 @@ from .verdict import SCHEMA
 
 # ---- card and gate -------------------------------------------------------------------------------------
 
+def expected_summary(fractions, k: int) -> tuple[dict, list[int]]:
+    """(summary, per-image hits out of k) of an EoT setting's expected accuracy. The figure is computed from the
+    integer hits, exactly as the verdict recomputes it (sum(hits) / (k n)): averaging the float32 fractions
+    (0.4 is 0.40000000596) drifts by ~1e-9, past the verdict's FIGURE_TOL, and made a signed card fail its own
+    evidence check."""
+    hits = [round(float(v) * k) for v in torch.as_tensor(fractions).flatten()]
+    return summarize(torch.tensor(hits, dtype=torch.float64) / k, f"expected over k={k} purifications", k=k), hits
+
+
 def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: Optional[dict], policy: dict,
                wall: float, world: int) -> dict:
     from ..sanity_checks import attack_ineffective
@@ -58,8 +67,8 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
         worst = worst_case(attacks)
         robust = summarize(m[f"{k}/pgd-ce"], "PGD best iterate, single-shot " + (
             "with the attack's fixed noise" if s.mode == "dwbox" else "(one fresh purification of x_adv)"))
-        expected = (summarize(m[f"{k}/robust_expected"], f"expected over k={cfg.k} purifications", k=cfg.k)
-                    if f"{k}/robust_expected" in m else None)
+        expected, hits = (expected_summary(m[f"{k}/robust_expected"], cfg.k) if f"{k}/robust_expected" in m
+                          else (None, None))
         rec = OutcomeRecord.build(worst.correct, indices=m["index"][:nn_].tolist(), seeds=image_seeds(ctx, s, nn_),
                                   dataset=ctx.dataset, split="test", setting=setting_key(cfg, s, pur))
         extra = {}
@@ -91,7 +100,7 @@ def build_card(ctx: Ctx, m: dict[str, torch.Tensor], randomized: bool, checks: O
             "outcomes": rec.to_dict(), "worst_by": worst.by, **extra,
             # the mean of robust_expected is not enough to pair two cards: keep each image's hits out of k
             "expected_per_image": None if expected is None else {
-                "k": cfg.k, "hits": [round(float(v) * cfg.k) for v in m[f"{k}/robust_expected"]],
+                "k": cfg.k, "hits": hits,
                 "outcomes_sha256": rec.sha256},
             "bare_robust": bare,
             # the verdict's evidence: the bare classifier and the clean defence on the same images, per image

@@ -221,3 +221,20 @@ def test_the_server_serves_only_the_maximum_votes_the_card_attacked(tiny_diffusi
     assert card_passes_for(card, weights, {**served, "max_votes": "4"})[0]
     assert not card_passes_for(card, weights, {**served, "max_votes": "2"})[0]  # 2 votes were never attacked
     assert card_passes_for(card, weights, {**served, "max_votes": "1"})[0]  # one vote: the EoT rows
+
+
+def test_expected_accuracy_is_computed_from_the_integer_hits():
+    """The card's shown expected accuracy must be sum(hits) / (k n), which the verdict recomputes with a 1e-9
+    tolerance. Averaging the float32 fractions instead drifted by 2.7e-9 on a real card (hits below; 0.4 in
+    float32 is 0.40000000596) and the signed card failed its own evidence check."""
+    import torch
+
+    from dbp.gate.report import expected_summary
+    from dbp.gate.verdict import FIGURE_TOL
+
+    hits = [10, 10, 10, 10, 0, 10, 4, 6, 5, 10, 3, 10, 10, 10, 1, 10]
+    fractions = torch.tensor(hits, dtype=torch.float32) / 10
+    assert abs(float(fractions.double().mean()) - sum(hits) / 160) > FIGURE_TOL  # the drift the fix removes
+    summary, got = expected_summary(fractions, 10)
+    assert got == hits and summary["k"] == 10 and summary["n"] == 16
+    assert abs(summary["acc"] - sum(hits) / 160) <= 1e-15
