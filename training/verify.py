@@ -1,23 +1,35 @@
 """Check a served version's robustness receipt yourself: signature, binding and the verdict recomputed from the
 card's per-image evidence under the pinned policy (what the server does before loading a version).
 
-  python -m training.verify model_repository/purifier/3                 # one version dir
+  python -m training.verify model_repository/purifier/3                 # one version dir, every serving profile
+  python -m training.verify model_repository/purifier/3 --profile fast  # one serving profile's card
   python -m training.verify model_repository                            # every version of every model
   python -m training.verify --card runs/gate/addt/card.json             # a card alone (signature + verdict)
 
-Prints each rule with its figure and the diagnostics. Exit 0: every version named passes (legacy versions are
-reported as legacy and exit 1); 1: something fails or is legacy; 2: bad input.
+For a purifier version, every serving profile its config.pbtxt declares is checked, each with the card the server
+would serve it with (dbp.repository.card_path: robustness_card.json for "default", cards/<profile>.json else) under
+the server's own rule (dbp.repository.check_version); one line per profile: PASSED, LEGACY (with the rules its card
+fails), REFUSED (a card that exists but is invalid: bad signature, evidence that does not recompute, bound to other
+weights or settings) or NOT SERVED (a declared profile without a card: a valid state, the server serves the version
+without it). Prints each rule with its figure and the diagnostics.
+
+Exit 0: every version named passes (legacy versions are reported as legacy and exit 1); 1: some card is refused
+or legacy (a profile without a card is no failure by itself; a version without its default card is refused); 2:
+bad input (an undeclared --profile among them).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from dbp import repository
 from dbp.card import CardError, load_card
 from dbp.gate.verdict import VerdictError, evaluate, summary_lines, verify
+
+PASSED, LEGACY, REFUSED, NOT_SERVED = "passed", "legacy", "refused", "not served"
+PURIFIER = "purifier"  # the model whose config.pbtxt declares serving profiles
 
 
 def version_dirs(path: Path) -> list[tuple[Path, str]]:
@@ -30,22 +42,77 @@ def version_dirs(path: Path) -> list[tuple[Path, str]]:
             for v in repository.versions(repository.model_dir(path, role))]
 
 
-def check_one(vdir: Path, role: str) -> bool:
+def declared_profiles(vdir: Path, role: str) -> list[str]:
+    """The serving profiles a version is served under: for a purifier, the ones its config.pbtxt declares
+    (dbp.repository.profile_settings, "default" first); any other model has only "default". RepositoryError for a
+    malformed `profiles` (the server does not load the model then)."""
+    if role != PURIFIER or not (vdir.parent / repository.CONFIG_FILE).exists():
+        return [repository.DEFAULT_PROFILE]
+    return list(repository.profile_settings(vdir.parent.parent))
+
+
+def check_profile(vdir: Path, role: str, profile: str = repository.DEFAULT_PROFILE) -> dict[str, Any]:
+    """One profile's result under the server's rule (dbp.repository.check_version with that profile, on the card
+    dbp.repository.card_path names): {"version", "model", "profile", "card", "status", "ok", "detail"}, plus
+    "failed_rules" / "approver" / "expires" for a legacy card and "summary" (the rules with their figures) for a
+    passing one. status: passed, legacy, refused (a card that exists is invalid, or the default card is missing:
+    the version does not load) or not served (a declared profile other than "default" without a card). ok: no
+    failure (passed or not served)."""
+    row: dict[str, Any] = {"version": str(vdir), "model": role, "profile": profile}
     try:
-        card = repository.check_version(vdir, role)
+        path = repository.card_path(vdir, profile)
+        row["card"] = str(path)
+        checked = repository.check_version(vdir, role, profile=profile)
     except repository.RepositoryError as e:
-        print(f"REFUSED  {vdir}: {e}")
-        return False
-    status = card["gate_status"]
-    print(f"{status['status'].upper():<8} {vdir}: {status.get('detail', '')}")
-    if status["status"] == "legacy":
-        print(f"         approved by {status['approver']} until {status['expires']}; fails:")
-        for r in status["failed_rules"]:
+        missing = profile != repository.DEFAULT_PROFILE and "card" in row and not Path(row["card"]).exists()
+        return {**row, "status": NOT_SERVED if missing else REFUSED, "ok": missing, "detail": str(e)}
+    status = checked["gate_status"]
+    row.update(status=status["status"], ok=status["status"] == PASSED, detail=status.get("detail", ""))
+    if status["status"] == LEGACY:
+        row.update({k: status[k] for k in ("failed_rules", "approver", "expires")})
+    else:
+        row["summary"] = summary_lines(evaluate(checked))
+    return row
+
+
+def check_version(vdir: Path, role: str, profile: Optional[str] = None) -> list[dict[str, Any]]:
+    """One check_profile result per declared profile of the version ("default" first), or for `profile` alone."""
+    try:
+        names = [profile] if profile is not None else declared_profiles(vdir, role)
+    except repository.RepositoryError as e:  # a malformed `profiles`: the server refuses the whole model
+        return [{"version": str(vdir), "model": role, "profile": repository.DEFAULT_PROFILE, "status": REFUSED,
+                 "ok": False, "detail": str(e)}]
+    rows = [check_profile(vdir, role, name) for name in names]
+    if profile is None and role == PURIFIER and (vdir / repository.CARDS_DIR).is_dir():
+        for f in sorted((vdir / repository.CARDS_DIR).glob("*.json")):
+            if f.stem not in names:  # a card for a profile config.pbtxt does not declare: never served
+                rows.append({"version": str(vdir), "model": role, "profile": f.stem, "card": str(f),
+                             "status": NOT_SERVED, "ok": True,
+                             "detail": f"{repository.CONFIG_FILE} declares no profile {f.stem!r}; its card is unused"})
+    return rows
+
+
+def print_row(row: dict[str, Any]) -> None:
+    vdir, profile = row["version"], row["profile"]
+    where = vdir if profile == repository.DEFAULT_PROFILE else f"{vdir} profile {profile}"
+    print(f"{row['status'].upper():<8} {where}: {row['detail']}")
+    if row["status"] == LEGACY:
+        print(f"         approved by {row['approver']} until {row['expires']}; fails:")
+        for r in row["failed_rules"]:
             print(f"           - {r}")
-        return False
-    for line in summary_lines(evaluate(card)):
+    for line in row.get("summary", []):
         print("         " + line)
-    return True
+
+
+def check_one(vdir: Path, role: str, profile: Optional[str] = None) -> bool:
+    """Print one version's results (every declared profile, or `profile`); True when none failed."""
+    rows = check_version(vdir, role, profile)
+    default = next((r for r in rows if r["profile"] == repository.DEFAULT_PROFILE), None)
+    for row in rows:
+        print_row(row)
+        if row is default and row["status"] == REFUSED and len(rows) > 1:
+            print("         the version does not load without a valid default card: none of its profiles is served")
+    return all(r["ok"] for r in rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -53,8 +120,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("path", nargs="?", default=repository.DEFAULT_REPO,
                    help="a version dir, a model dir or a model repository (default: %(default)s)")
     p.add_argument("--card", help="check a card file alone: its signature and its verdict")
+    p.add_argument("--profile", help="check only this serving profile's card (one the purifier's config.pbtxt "
+                                     "declares; default: every declared profile)")
     a = p.parse_args(argv)
     if a.card:
+        if a.profile:
+            print("error: --card checks a card alone; --profile names a version's card", file=sys.stderr)
+            return 2
         try:
             card = load_card(a.card)
         except CardError as e:
@@ -77,7 +149,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not found:
         print(f"error: {path} holds no version with a {repository.CARD_FILE}", file=sys.stderr)
         return 2
-    ok = [check_one(d, role) for d, role in found]
+    if a.profile and a.profile != repository.DEFAULT_PROFILE:  # profiles are the purifier's
+        found = [(d, role) for d, role in found if role == PURIFIER]
+        if not found:
+            print(f"error: {path} holds no {PURIFIER} version; serving profiles are the {PURIFIER}'s",
+                  file=sys.stderr)
+            return 2
+    if a.profile:
+        for d, role in found:
+            try:
+                declared = declared_profiles(d, role)
+            except repository.RepositoryError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            if a.profile not in declared:
+                print(f"error: {d.parent / repository.CONFIG_FILE} declares no profile {a.profile!r} (declared: "
+                      f"{', '.join(declared)})", file=sys.stderr)
+                return 2
+    ok = [check_one(d, role, a.profile) for d, role in found]
     return 0 if all(ok) else 1
 
 
