@@ -80,6 +80,31 @@ def test_unit_tests_catch_an_alert_that_never_fires(name, tmp_path):
     assert r.returncode != 0 and f"alertname: {name}" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+FALLBACK_SHARE = ('sum(rate(dbp_gateway_classify_fallbacks_total[10m]))\n'
+                  '/ (sum(rate(dbp_gateway_requests_total{endpoint="/classify"}[10m])) > 0) > 0.05\n')
+
+
+@needs_promtool
+@pytest.mark.parametrize("field, value", [
+    ("for", "5m"),  # a 4-min export spell would page
+    ("expr", "sum(rate(dbp_gateway_classify_fallbacks_total[10m])) > 0"),  # stray ensemble errors would page
+    ("expr", FALLBACK_SHARE.replace("> 0.05", "> 0.01")),  # 2% stray errors would page
+    ("expr", FALLBACK_SHARE.replace('endpoint="/classify"', 'endpoint=~"/classify|/purify"')),  # 10% reads 2.5%
+], ids=["for-5m", "rate-above-0", "share-1pct", "purify-in-denominator"])
+def test_unit_tests_pin_the_fallback_alert_choices(field, value, tmp_path):
+    """DbpGatewayClassifyFallbacks: the share over 10 min, of /classify only, above 5%, for 15 min. Each looser or
+    wrong variant makes rules_test.yml fail (the quiet export spell, the quiet stray errors, the firing 10% share)."""
+    spec = yaml.safe_load(RULES.read_text())
+    rule = next(r for g in spec["groups"] for r in g["rules"] if r.get("alert") == "DbpGatewayClassifyFallbacks")
+    assert rule["expr"] == FALLBACK_SHARE, "the rule changed: update FALLBACK_SHARE and these mutations"
+    assert rule["for"] == "15m"
+    rule[field] = value
+    (tmp_path / "dbp.rules.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copy(RULES_TEST, tmp_path / "rules_test.yml")
+    r = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    assert r.returncode != 0 and "alertname: DbpGatewayClassifyFallbacks" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 # ---- the dashboard ------------------------------------------------------------------------------------
 
 def panels() -> list[dict]:
@@ -125,11 +150,50 @@ def test_dashboard_has_the_panels_operators_need():
                    "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
                    "nv_inference_request_success", "nv_inference_exec_count", "dbp_gateway_in_flight_requests",
                    "dbp_gateway_rejections_total", "dbp_gateway_agreement", "dbp_gateway_triton_duration_seconds",
-                   "dbp_gateway_model_info"]:
+                   "dbp_gateway_model_info", "dbp_gateway_classify_fallbacks_total"]:
         assert needle in exprs, f"no panel uses {needle}"
     # Triton time as rate(duration)/rate(success) and batch as rate(count)/rate(exec_count), not raw counters
     assert re.search(r"rate\(nv_inference_count\[[^]]+\]\)\) / \(sum by \(model, version\) "
                      r"\(rate\(nv_inference_exec_count", exprs)
+
+
+def test_classify_fallback_panel_sits_with_the_request_rate_panels():
+    """Fallbacks/s by reason, in the gateway's traffic row, on the line of the rejections/s panel, like it."""
+    ps = {p["title"]: p for p in panels()}
+    fb, rej = ps["/classify fallbacks/s by reason"], ps["Rejections/s by reason"]
+    assert [t["expr"] for t in fb["targets"]] == [
+        "sum by (reason) (rate(dbp_gateway_classify_fallbacks_total[$__rate_interval]))"]
+    assert fb["targets"][0]["legendFormat"] == "{{reason}}"
+    assert fb["type"] == rej["type"] == "timeseries"
+    assert fb["fieldConfig"]["defaults"]["unit"] == rej["fieldConfig"]["defaults"]["unit"] == "reqps"
+    assert fb["options"]["legend"] == rej["options"]["legend"]
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in panels() if p["type"] == "row")
+    traffic = [y for y, t in rows if t.startswith("Traffic")][0]
+    following = min(y for y, _ in rows if y > traffic)
+    assert traffic < fb["gridPos"]["y"] == rej["gridPos"]["y"] < following
+    assert fb["gridPos"]["x"] == rej["gridPos"]["x"] + rej["gridPos"]["w"]
+    assert "DbpGatewayClassifyFallbacks" in fb["description"]
+
+
+def test_alerts_named_in_panel_descriptions_exist():
+    named = {n for p in panels() for n in re.findall(r"\bAlert (Dbp\w+)", p.get("description", ""))}
+    assert "DbpGatewayClassifyFallbacks" in named
+    assert named <= set(alerts()), f"panels name alerts that do not exist: {named - set(alerts())}"
+
+
+def test_gateway_metric_names_used_are_ones_the_gateway_defines():
+    """Without a live stack: every dbp_gateway_* name of the dashboard and the rules is a series name of the
+    gateway's own registry (service/app/core/metrics.py). The live test checks the same against a real scrape."""
+    from monitoring.promserver import dashboard_targets
+    from service.app.core.metrics import GatewayMetrics
+    suffixes = {"counter": ["_total", "_created"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "summary": ["", "_sum", "_count", "_created"], "info": ["_info"]}
+    defined = {f.name + sfx for f in GatewayMetrics().registry.collect() for sfx in suffixes.get(f.type, [""])}
+    rules = yaml.safe_load(RULES.read_text())
+    exprs = [t["expr"] for t in dashboard_targets()] + [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {n for e in exprs for n in re.findall(r"(?<![:\w])(dbp_gateway_\w+)", e)}
+    assert "dbp_gateway_classify_fallbacks_total" in used
+    assert used - defined == set(), f"used but not defined by the gateway: {sorted(used - defined)}"
 
 
 def test_provisioning_points_at_the_dashboard_folder():
