@@ -35,6 +35,16 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG at 110 dpi, the project's figures) and close a matplotlib figure; returns the path."""
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def line_plot(series: dict[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str, title: str = "") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -43,7 +53,4 @@ def line_plot(series: dict[str, Sequence[float]], path: str | Path, xlabel: str,
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title), ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

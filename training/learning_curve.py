@@ -295,6 +295,8 @@ def plot(rows: list[dict], path: Path, cfg: CurveConfig, n: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dbp.plots import save_figure
+
     base = next((r for r in rows if r["arm"] == "base"), None)
     arms = sorted({r["arm"] for r in rows} - {"base"})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
@@ -321,10 +323,7 @@ def plot(rows: list[dict], path: Path, cfg: CurveConfig, n: int) -> None:
     axes[0].legend()
     fig.suptitle(f"{cfg.dataset}: {n} held-out test images, one fixed noise draw, {cfg.sampler} N="
                  f"{cfg.num_inference_steps} t*={cfg.t_star}, 95% Wilson intervals", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- main ------------------------------------------------------------------------------------------------

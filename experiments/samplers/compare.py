@@ -199,7 +199,7 @@ def markdown(cfg: dict, units: list[dict], done: dict, pairs: dict) -> str:
 
 
 def figure(done: dict, pairs: dict, path: Path) -> Optional[Path]:
-    from dbp.plots import _plt
+    from dbp.plots import _plt, save_figure
     ss = [s for s in ORDER if s in pairs]
     if not ss:
         return None
@@ -223,11 +223,7 @@ def figure(done: dict, pairs: dict, path: Path) -> Optional[Path]:
     axc.set_ylabel("DW-box gain of ADDT, points")
     axc.grid(alpha=0.3)
     fig.suptitle("ADDT vs base under each sampler (same images, same noise)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(out: Path, cfg: dict, units: list[dict], copy_to: Optional[Path]) -> list[Path]:

@@ -380,7 +380,7 @@ def markdown(cfg: dict, points: list[dict], done: dict) -> str:
 
 
 def figure(sweep: str, points: list[dict], done: dict, path: Path) -> Optional[Path]:
-    from dbp.plots import _plt
+    from dbp.plots import _plt, save_figure
     pts = [p for p in points if sweep in p["sweeps"] and p["name"] in done]
     if not pts:
         return None
@@ -426,11 +426,7 @@ def figure(sweep: str, points: list[dict], done: dict, path: Path) -> Optional[P
     axc.set_ylabel("input-gradient cosine, two noise draws")
     title = ("Sweep A: t* (DDIM N = 100)" if sweep == "A" else "Sweep B: DDIM steps at the served t*")
     fig.suptitle(f"{title}; dotted: the served setting")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(out: Path, cfg: dict, points: list[dict], copy_to: Optional[Path]) -> list[Path]:
