@@ -124,3 +124,31 @@ def test_verify_passes_a_version_whose_profiles_pass_or_have_no_card(tmp_path, c
     assert verify.main([str(repo)]) == 0  # a declared profile without a card fails nothing by itself
     out = capsys.readouterr().out
     assert f"PASSED   {v1} profile fast: " in out and f"NOT SERVED {v1} profile nocard: " in out
+
+
+def test_verify_refuses_a_version_whose_declared_profile_the_server_cannot_load(tmp_path, capsys, tiny_diffusion_ckpt,
+                                                                                 tiny_classifier_ckpt):
+    """A profile's settings off the timestep grid make the server refuse the whole purifier (PurifierService builds
+    a Purifier per declared profile: Diffusion.check_settings), card or not; verify says so, naming the profile."""
+    from helpers import TEST_PROFILES, profile_repo
+
+    repo = profile_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    v1 = repo / "purifier" / "1"
+    repository.card_path(v1, "mis").unlink()
+    capsys.readouterr()
+    assert verify.main([str(v1)]) == 0  # the valid repository passes
+    assert "REFUSED" not in capsys.readouterr().out
+    odd = {**TEST_PROFILES, "odd": {"t_star": 100, "sampler": "ddim", "num_inference_steps": 30}}  # stride 33
+    repository.set_parameter(repo / "purifier" / repository.CONFIG_FILE, "profiles", json.dumps(odd))
+    assert verify.main([str(v1)]) == 1
+    out = capsys.readouterr().out
+    refused = _lines(out, "REFUSED")
+    assert len(refused) == 1 and refused[0].startswith(
+        f"REFUSED  {v1}: the server refuses to load this version: profile odd: ")
+    assert "not on the grid" in refused[0]
+    assert "PASSED" not in out and "NOT SERVED" not in out  # no profile of a version that does not load is served
+    rows = verify.check_version(v1, "purifier")
+    assert [(r["status"], r["ok"]) for r in rows] == [("refused", False)]
+    assert verify.main([str(v1), "--profile", "fast"]) == 1  # fast's card passes, but the version does not load
+    assert "profile odd: " in _lines(capsys.readouterr().out, "REFUSED")[0]
+    assert verify.main([str(repo)]) == 1

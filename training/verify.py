@@ -11,10 +11,14 @@ would serve it with (dbp.repository.card_path: robustness_card.json for "default
 the server's own rule (dbp.repository.check_version); one line per profile: PASSED, LEGACY (with the rules its card
 fails), REFUSED (a card that exists but is invalid: bad signature, evidence that does not recompute, bound to other
 weights or settings) or NOT SERVED (a declared profile without a card: a valid state, the server serves the version
-without it). Prints each rule with its figure and the diagnostics.
+without it). Every declared profile's settings are checked as the server loads them (dbp.diffusion's
+Diffusion.check_settings, through Purifier): one it refuses (e.g. a t_star off the num_inference_steps grid) and
+the whole version is REFUSED, naming the profile, since the server does not load it at all. Prints each rule with
+its figure and the diagnostics.
 
 Exit 0: every version named passes (legacy versions are reported as legacy and exit 1); 1: some card is refused
-or legacy (a profile without a card is no failure by itself; a version without its default card is refused); 2:
+or legacy, or a version does not load (a profile without a card is no failure by itself; a version without its
+default card, or with a declared profile's settings dbp.diffusion refuses, is refused); 2:
 bad input (an undeclared --profile among them).
 """
 from __future__ import annotations
@@ -51,6 +55,25 @@ def declared_profiles(vdir: Path, role: str) -> list[str]:
     return list(repository.profile_settings(vdir.parent.parent))
 
 
+def settings_errors(vdir: Path, role: str) -> list[str]:
+    """"profile <name>: <reason>" for each declared serving profile whose settings dbp.diffusion refuses
+    (Diffusion.check_settings, what Purifier calls for every declared profile when the server loads the version:
+    one bad profile and the whole version does not load, card or not); [] for any other model. RepositoryError
+    for a malformed `profiles`."""
+    if role != PURIFIER or not (vdir.parent / repository.CONFIG_FILE).exists():
+        return []
+    from dbp.diffusion import Diffusion  # torch: only for a purifier version
+
+    diffusion = Diffusion()  # the schedule Purifier builds
+    errors = []
+    for name, p in repository.profile_settings(vdir.parent.parent).items():
+        try:
+            diffusion.check_settings(p["sampler"], p["t_star"], p["num_inference_steps"])
+        except ValueError as e:
+            errors.append(f"profile {name}: {e}")
+    return errors
+
+
 def check_profile(vdir: Path, role: str, profile: str = repository.DEFAULT_PROFILE) -> dict[str, Any]:
     """One profile's result under the server's rule (dbp.repository.check_version with that profile, on the card
     dbp.repository.card_path names): {"version", "model", "profile", "card", "status", "ok", "detail"}, plus
@@ -76,12 +99,18 @@ def check_profile(vdir: Path, role: str, profile: str = repository.DEFAULT_PROFI
 
 
 def check_version(vdir: Path, role: str, profile: Optional[str] = None) -> list[dict[str, Any]]:
-    """One check_profile result per declared profile of the version ("default" first), or for `profile` alone."""
+    """One check_profile result per declared profile of the version ("default" first), or for `profile` alone;
+    a single refused row for the whole version when the server would not load it (a malformed `profiles`, or a
+    declared profile's settings that dbp.diffusion refuses), whichever profile is asked for."""
     try:
         names = [profile] if profile is not None else declared_profiles(vdir, role)
+        errors = settings_errors(vdir, role)
     except repository.RepositoryError as e:  # a malformed `profiles`: the server refuses the whole model
         return [{"version": str(vdir), "model": role, "profile": repository.DEFAULT_PROFILE, "status": REFUSED,
                  "ok": False, "detail": str(e)}]
+    if errors:  # the server builds a Purifier per declared profile: one refused setting fails the whole load
+        return [{"version": str(vdir), "model": role, "profile": repository.DEFAULT_PROFILE, "status": REFUSED,
+                 "ok": False, "detail": "the server refuses to load this version: " + "; ".join(errors)}]
     rows = [check_profile(vdir, role, name) for name in names]
     if profile is None and role == PURIFIER and (vdir / repository.CARDS_DIR).is_dir():
         for f in sorted((vdir / repository.CARDS_DIR).glob("*.json")):
