@@ -14,11 +14,14 @@ the gateway derives from it with the bench's SEED_SECRET to Triton) goes
 Low load: --sequential requests one at a time on each path, in rotating order; overhead = gateway p50 -
 direct p50 (goal <= 3 ms, issue 21; it was 5 ms or 5 %), split by a third path, "pinned": the gateway's
 fallback, two calls (purifier/N, then classifier/N) sent straight to Triton: overhead_parts_ms = {pinning, gateway}:
-when the gateway took the two calls (gateway_classify_fallbacks, read from its /metrics, > 0) pinning = pinned -
-direct and gateway = gateway - pinned, as before the one call; when it took the one call, pinning = 0 and gateway =
-the whole overhead (pinned - direct is still reported, as pinned_minus_direct_ms). Concurrency: --requests requests from
---concurrency concurrent clients, in --rounds rounds of direct, gateway, gateway, direct (drift cancels);
-goal >= 0.95x (issue 21; it was 0.9x). Also reported: the purifier's mean batch size per phase (Triton statistics).
+when the gateway took the two calls pinning = pinned - direct and gateway = gateway - pinned, as before the one call;
+when it took the one call, pinning = 0 and gateway = the whole overhead (pinned - direct is still reported, as
+pinned_minus_direct_ms). Which way it went (gateway_one_call) is read from Triton's statistics, not the gateway's
+own counters: true when the purify_classify ensemble's request count grew, over the sequential phase, by the
+direct requests plus one per gateway request; false when it grew by fewer; "unknown" (and no split) when the
+statistics cannot be read. The gateway's fallback counters (/metrics) are reported alongside, when readable.
+Concurrency: --requests requests from --concurrency concurrent clients, in --rounds rounds of direct, gateway,
+gateway, direct (drift cancels); goal >= 0.95x (issue 21; it was 0.9x). Also reported: the purifier's mean batch size per phase (Triton statistics).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import numpy as np
@@ -177,14 +181,43 @@ def purifier_counts(http_url: str) -> tuple[int, int]:
     return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))
 
 
-def gateway_fallbacks(gw_url: str) -> dict[str, float]:
-    """{reason: count} of the gateway's /classify requests that took the two pinned calls instead of the ensemble."""
+def gateway_fallbacks(gw_url: str) -> Optional[dict[str, float]]:
+    """{reason: count} of the gateway's /classify requests that took the two pinned calls instead of the ensemble;
+    None if its /metrics cannot be read."""
     out = {}
-    for line in httpx.get(f"{gw_url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("dbp_gateway_classify_fallbacks_total{"):
-            key, _, value = line.rpartition(" ")
-            out[key.split('"')[1]] = float(value)
+    try:
+        for line in httpx.get(f"{gw_url}/metrics", timeout=10).raise_for_status().text.splitlines():
+            if line.startswith("dbp_gateway_classify_fallbacks_total{"):
+                key, _, value = line.rpartition(" ")
+                out[key.split('"')[1]] = float(value)
+    except (httpx.HTTPError, ValueError, IndexError):
+        return None
     return out
+
+
+ENSEMBLE = "purify_classify"
+
+
+def ensemble_requests(http_url: str) -> Optional[int]:
+    """Requests the purify_classify ensemble answered so far (Triton's statistics: success count, requests not
+    images), or None if they cannot be read."""
+    try:
+        stats = httpx.get(f"http://{http_url}/v2/models/{ENSEMBLE}/stats", timeout=10).raise_for_status().json()
+        return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats["model_stats"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def one_call_verdict(before: Optional[int], after: Optional[int], direct: int, gateway: int) -> bool | str:
+    """Did every gateway /classify of a phase go through the ensemble in one call? `direct` ensemble requests were
+    sent straight to Triton in the same phase: True if the count grew by direct + gateway, False if by less (some or
+    all took the two pinned calls), "unknown" if the statistics were unreadable or grew by more (someone else)."""
+    if before is None or after is None:
+        return "unknown"
+    via_ensemble = after - before - direct
+    if via_ensemble == gateway:
+        return True
+    return False if 0 <= via_ensemble < gateway else "unknown"
 
 
 async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int) -> dict:
@@ -203,10 +236,15 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int)
             raise SystemExit(f"error: direct, pinned and gateway disagree on the same seeded request: {labels}")
         seq = {"direct": [], "gateway": [], "pinned": []}
         paths = (("direct", direct), ("pinned", pinned), ("gateway", gateway))
+        ens0 = ensemble_requests(http_url)
         for i in range(args.sequential):
             for name, fn in paths[i % 3:] + paths[:i % 3]:  # rotate the order so drift cancels
                 seq[name].append((await timed(fn))[0])
-        fallbacks = gateway_fallbacks(gw_url)  # after the sequential phase: which way did /classify go
+        # which way did /classify go in the sequential phase: the ensemble saw every direct request (one each) and,
+        # if the gateway made one call, every gateway request; the pinned path does not touch it
+        ens1 = ensemble_requests(http_url)
+        one_call = one_call_verdict(ens0, ens1, len(seq["direct"]), len(seq["gateway"]))
+        fallbacks = gateway_fallbacks(gw_url)
         rates = {"direct": [], "gateway": []}
         batch = {"direct": [], "gateway": []}
         abba = (("direct", direct), ("gateway", gateway), ("gateway", gateway), ("direct", direct))
@@ -224,10 +262,11 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int)
     p95 = {k: float(np.percentile(v, 95)) * 1000 for k, v in seq.items()}
     overhead = p50["gateway"] - p50["direct"]
     thr = {k: statistics.median(v) for k, v in rates.items()}
-    one_call = sum(fallbacks.values()) == 0
-    parts = ({"pinning": 0.0, "gateway": overhead} if one_call else
-             {"pinning": p50["pinned"] - p50["direct"], "gateway": p50["gateway"] - p50["pinned"]})
+    parts = ({"pinning": 0.0, "gateway": overhead} if one_call is True else
+             {"pinning": p50["pinned"] - p50["direct"], "gateway": p50["gateway"] - p50["pinned"]} if one_call is False
+             else None)
     return {"p50_ms": p50, "p95_ms": p95, "overhead_p50_ms": overhead, "gateway_one_call": one_call,
+            "ensemble_requests_sequential": None if ens0 is None or ens1 is None else ens1 - ens0,
             "gateway_classify_fallbacks": fallbacks, "pinned_minus_direct_ms": p50["pinned"] - p50["direct"],
             "overhead_parts_ms": parts, "overhead_pct": 100 * overhead / p50["direct"],
             "overhead_goal_ms": OVERHEAD_GOAL_MS, "throughput_rps": thr, "throughput_runs": rates,
@@ -255,14 +294,16 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(res, indent=2))
     ok_o = res["overhead_p50_ms"] <= res["overhead_goal_ms"]
     ok_t = res["throughput_ratio"] >= THROUGHPUT_GOAL
+    way = {True: "one ensemble call", False: "two pinned calls"}.get(
+        res["gateway_one_call"], "an unknown way (Triton's statistics of purify_classify unreadable or off)")
+    parts = res["overhead_parts_ms"]
+    split = (f"of it, two pinned calls instead of the ensemble {parts['pinning']:.2f} ms, the gateway's own work "
+             f"{parts['gateway']:.2f} ms " if parts else "")
     print(f"version pair {version}; load {load_before[0]:.2f} -> {res['loadavg_after'][0]:.2f} on {os.cpu_count()} CPUs")
     print(f"low load p50: direct {res['p50_ms']['direct']:.1f} ms, gateway {res['p50_ms']['gateway']:.1f} ms -> "
           f"overhead {res['overhead_p50_ms']:.2f} ms ({res['overhead_pct']:.1f} %), goal <= "
-          f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}; /classify in "
-          f"{'one ensemble call' if res['gateway_one_call'] else 'two pinned calls'}: of it, two pinned calls "
-          f"instead of the ensemble {res['overhead_parts_ms']['pinning']:.2f} ms, the gateway's own work "
-          f"{res['overhead_parts_ms']['gateway']:.2f} ms (pinned p50 {res['p50_ms']['pinned']:.1f} ms, "
-          f"{res['pinned_minus_direct_ms']:.2f} ms over direct)")
+          f"{res['overhead_goal_ms']:.1f} ms: {'OK' if ok_o else 'MISSED'}; /classify in {way}: {split}"
+          f"(pinned p50 {res['p50_ms']['pinned']:.1f} ms, {res['pinned_minus_direct_ms']:.2f} ms over direct)")
     print(f"concurrency {args.concurrency}: direct {res['throughput_rps']['direct']:.2f} req/s, gateway "
           f"{res['throughput_rps']['gateway']:.2f} req/s -> {res['throughput_ratio']:.3f}x, goal >= {THROUGHPUT_GOAL}x: "
           f"{'OK' if ok_t else 'MISSED'}; purifier mean batch direct "

@@ -112,10 +112,12 @@ def build() -> dm.Dashboard:
     d = d.with_panel(ts(18, "/classify fallbacks/s by reason",
                         "/classify requests that took the two pinned calls (purifier/N, then classifier/N) instead "
                         "of one call to the purify_classify ensemble, by reason (not_newest, no_ensemble, "
-                        "no_version_outputs, version_mismatch, ensemble_error). A short spell while an export or "
+                        "no_version_outputs, version_mismatch, ensemble_error, rejected = the ensemble refused the "
+                        "request as INVALID_ARGUMENT, mostly client mistakes). A short spell while an export or "
                         "rollback is in flight is expected; a lasting one means the ensemble does not run the "
                         "pinned pair and every request pays a second Triton round trip. Alert "
-                        "DbpGatewayClassifyFallbacks: > 5% of /classify requests over 10 min, for 15 min.", "reqps",
+                        "DbpGatewayClassifyFallbacks: > 5% of /classify requests over 10 min, for 15 min "
+                        "(rejected not counted).", "reqps",
                         [q(rate("dbp_gateway_classify_fallbacks_total", "reason"), "{{reason}}", "A")], w=8))
 
     d = d.with_row(db.Row("Model and answers").id(101))

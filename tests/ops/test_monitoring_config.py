@@ -80,7 +80,7 @@ def test_unit_tests_catch_an_alert_that_never_fires(name, tmp_path):
     assert r.returncode != 0 and f"alertname: {name}" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-FALLBACK_SHARE = ('sum(rate(dbp_gateway_classify_fallbacks_total[10m]))\n'
+FALLBACK_SHARE = ('sum(rate(dbp_gateway_classify_fallbacks_total{reason!="rejected"}[10m]))\n'
                   '/ (sum(rate(dbp_gateway_requests_total{endpoint="/classify"}[10m])) > 0) > 0.05\n')
 
 
@@ -90,10 +90,12 @@ FALLBACK_SHARE = ('sum(rate(dbp_gateway_classify_fallbacks_total[10m]))\n'
     ("expr", "sum(rate(dbp_gateway_classify_fallbacks_total[10m])) > 0"),  # stray ensemble errors would page
     ("expr", FALLBACK_SHARE.replace("> 0.05", "> 0.01")),  # 2% stray errors would page
     ("expr", FALLBACK_SHARE.replace('endpoint="/classify"', 'endpoint=~"/classify|/purify"')),  # 10% reads 2.5%
-], ids=["for-5m", "rate-above-0", "share-1pct", "purify-in-denominator"])
+    ("expr", FALLBACK_SHARE.replace('{reason!="rejected"}', "")),  # clients' rejected requests would page
+], ids=["for-5m", "rate-above-0", "share-1pct", "purify-in-denominator", "rejected-in-numerator"])
 def test_unit_tests_pin_the_fallback_alert_choices(field, value, tmp_path):
-    """DbpGatewayClassifyFallbacks: the share over 10 min, of /classify only, above 5%, for 15 min. Each looser or
-    wrong variant makes rules_test.yml fail (the quiet export spell, the quiet stray errors, the firing 10% share)."""
+    """DbpGatewayClassifyFallbacks: the share over 10 min, of /classify only, rejected requests left out, above 5%,
+    for 15 min. Each looser or wrong variant makes rules_test.yml fail (the quiet export spell, the quiet stray errors,
+    the quiet rejected requests, the firing 10% share)."""
     spec = yaml.safe_load(RULES.read_text())
     rule = next(r for g in spec["groups"] for r in g["rules"] if r.get("alert") == "DbpGatewayClassifyFallbacks")
     assert rule["expr"] == FALLBACK_SHARE, "the rule changed: update FALLBACK_SHARE and these mutations"

@@ -40,6 +40,26 @@ def _purifier_executions(srv) -> int:
         c.close()
 
 
+def _ensemble_requests(srv) -> int:
+    """Requests the purify_classify ensemble answered, failed ones included (Triton's statistics)."""
+    import tritonclient.http as http
+
+    c = http.InferenceServerClient(srv.http_url)
+    try:
+        stats = c.get_inference_statistics("purify_classify")["model_stats"]
+        return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
+                   for s in stats)
+    finally:
+        c.close()
+
+
+FALLBACKS = "dbp_gateway_classify_fallbacks_total"
+
+
+def _fallbacks(gw) -> dict[str, float]:
+    return {k.split('"')[1]: v for k, v in gw.metrics().items() if k.startswith(FALLBACKS + "{")}
+
+
 def test_unknown_profile_is_422_listing_the_known_ones_and_nothing_reaches_triton(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
@@ -56,8 +76,13 @@ def test_unknown_profile_is_422_listing_the_known_ones_and_nothing_reaches_trito
 def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
+    fb0, ens0 = _fallbacks(gw), _ensemble_requests(srv)
     with gw.client() as c:
         fast = c.post("/classify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
+    # the fast profile went through the ensemble in one call (PROFILE passed along), not the two pinned calls
+    assert fast.status_code == 200, fast.text
+    assert _fallbacks(gw) == fb0 and _ensemble_requests(srv) == ens0 + 1
+    with gw.client() as c:
         plain = c.post("/classify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
         png = c.post("/purify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
         png_default = c.post("/purify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
@@ -84,12 +109,17 @@ def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashio
 def test_a_declared_profile_without_a_valid_card_is_a_4xx(stack, fashion_pngs, profile):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
+    fb0 = _fallbacks(gw)
     with gw.client() as c:
         r = c.post("/classify", params={"profile": profile}, files=[("images", ("a.png", blob, "image/png"))])
+        fb1 = _fallbacks(gw)
         ok = c.post("/classify", files=[("images", ("a.png", blob, "image/png"))])
     assert r.status_code == 422, r.text
     assert r.json()["reason"] == "profile_not_served" and "has no valid card" in r.json()["detail"]
     assert ok.status_code == 200  # the default keeps serving
+    # the ensemble refused it as INVALID_ARGUMENT: counted as "rejected" (the alert ignores it), not ensemble_error
+    assert fb1["rejected"] == fb0["rejected"] + 1 and fb1["ensemble_error"] == fb0["ensemble_error"]
+    assert sum(fb1.values()) == sum(fb0.values()) + 1
 
 
 def test_profiles_unit_parsing():
@@ -104,3 +134,18 @@ def test_profiles_unit_parsing():
     with pytest.raises(InterfaceError):
         profiles({"parameters": {"profiles": {"string_value": "{nope"}}})
     assert np.array_equal(list(profiles({"parameters": {}})), ["default"])
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", "Fast", "", "x" * 33, "_x", "fast.json"])
+def test_profile_names_that_could_leave_the_cards_folder_are_skipped(name, caplog):
+    """A profile name becomes the card path <version>/cards/<name>.json: only names matching
+    dbp.serving.contract's pattern are kept; the others are skipped with a warning, the valid ones still served."""
+    from service.app.triton.models import profiles
+
+    table = {name: TEST_PROFILES["fast"], "fast": TEST_PROFILES["fast"]}
+    cfg = {"parameters": {"t_star": {"string_value": "20"}, "sampler": {"string_value": "ddpm"},
+                          "num_inference_steps": {"string_value": "50"},
+                          "profiles": {"string_value": json.dumps(table)}}}
+    with caplog.at_level("WARNING", logger="service.triton"):
+        assert list(profiles(cfg)) == ["default", "fast"]
+    assert any(repr(name) in r.getMessage() for r in caplog.records)

@@ -112,6 +112,7 @@ def test_what_the_gateway_restates_of_dbp_is_the_same():
     assert cards.CARD_FILE == repository.CARD_FILE and cards.LEGACY_FILE == repository.LEGACY_FILE
     assert cards.CARDS_DIR == repository.CARDS_DIR and cards.DEFAULT_PROFILE == repository.DEFAULT_PROFILE
     assert models.DEFAULT_PROFILE == contract.DEFAULT_PROFILE and models.PROFILE_KEYS == contract.PROFILE_KEYS
+    assert models.PROFILE_NAME.pattern == contract._PROFILE_NAME.pattern
     assert cards.SIGNED_SCHEMA == SCHEMA
     s = Settings()
     assert (s.PURIFIER_MODEL, s.CLASSIFIER_MODEL) == tuple(repository.ROLES)

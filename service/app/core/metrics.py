@@ -14,8 +14,11 @@ AGREEMENT_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .9, .99, 1.0)
 # why a /classify request took the two pinned calls (purifier/N, then classifier/N) instead of one ensemble call
 # (service/app/triton/pool.py): the ensemble would not run the pair (a newer version of one model is loaded, or a step
 # pins another version), is not loaded, does not report which versions answered, answered with other versions than
-# the pair's, or failed (the pinned calls then give the request its own answer or error)
-FALLBACK_REASONS = ("not_newest", "no_ensemble", "no_version_outputs", "version_mismatch", "ensemble_error")
+# the pair's, failed (ensemble_error), or refused the request as INVALID_ARGUMENT (rejected: usually the client's
+# own mistake, e.g. a profile the version does not serve; not counted by the alert DbpGatewayClassifyFallbacks);
+# the pinned calls then give the request its own answer or error
+FALLBACK_REASONS = ("not_newest", "no_ensemble", "no_version_outputs", "version_mismatch", "ensemble_error",
+                    "rejected")
 ENDPOINTS = ("/classify", "/purify", "/certify", "/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
 
 

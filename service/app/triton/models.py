@@ -9,12 +9,17 @@ config (the pair's public interface: `image_shape` "C,H,W" and `class_names` as 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 IMAGES, SEED, VOTES, PROFILE, PURIFIED = "IMAGES", "SEED", "VOTES", "PROFILE", "PURIFIED"
 DEFAULT_PROFILE = "default"  # dbp.serving.contract.DEFAULT_PROFILE: the purifier's top-level settings
 PROFILE_KEYS = ("t_star", "sampler", "num_inference_steps")
+# dbp.serving.contract._PROFILE_NAME: a profile's card is <version>/cards/<profile>.json, so a name the model config
+# declares is used as a file name only if it matches (no "/", "..", upper case, ...)
+PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
 # every row's answering version (dbp.serving.contract.VERSION): an output of the purifier and the classifier, renamed
 # per step by the ensemble
@@ -23,6 +28,9 @@ VERSION, PURIFIER_VERSION, CLASSIFIER_VERSION = "VERSION", "PURIFIER_VERSION", "
 N, SIGMA, ALPHA = "N", "SIGMA", "ALPHA"
 RADIUS, P_LOWER, COUNT, COUNTS, SECONDS = "RADIUS", "P_LOWER", "COUNT", "COUNTS", "SECONDS"
 CERTIFY_OUTPUTS = (LABEL, RADIUS, P_LOWER, COUNT, COUNTS, SECONDS)
+
+
+log = logging.getLogger("service.triton")
 
 
 class InterfaceError(ValueError):
@@ -126,7 +134,9 @@ def class_names(ensemble_cfg: Mapping[str, Any]) -> Optional[tuple[str, ...]]:
 
 
 def profiles(purifier_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{profile: settings} the purifier declares: "default" (its top-level settings), then `profiles` (JSON)."""
+    """{profile: settings} the purifier declares: "default" (its top-level settings), then `profiles` (JSON). A
+    name that does not match PROFILE_NAME is skipped (and logged): it would name the card file cards/<name>.json, and
+    the served purifier (dbp.serving.contract) refuses such a name anyway."""
     pp = _params(purifier_cfg)
     out: dict[str, dict[str, Any]] = {DEFAULT_PROFILE: {"t_star": _int(pp, "t_star"), "sampler": pp.get("sampler"),
                                                         "num_inference_steps": _int(pp, "num_inference_steps")}}
@@ -141,7 +151,12 @@ def profiles(purifier_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                                               for v in table.values()) or DEFAULT_PROFILE in table:
         raise InterfaceError("purifier parameter profiles must map names (not 'default') to {t_star, sampler, "
                              "num_inference_steps}")
-    out.update({str(k): {key: v[key] for key in PROFILE_KEYS} for k, v in table.items()})
+    for k, v in table.items():
+        if not PROFILE_NAME.match(str(k)):
+            log.warning("purifier parameter profiles: skipping profile name %r (must match %s)", k,
+                        PROFILE_NAME.pattern)
+            continue
+        out[str(k)] = {key: v[key] for key in PROFILE_KEYS}
     return out
 
 

@@ -10,8 +10,9 @@ serves again after a Triton restart without restarting itself.
 /classify is one call to the ensemble when it runs the pinned pair (the probe checks the repository index:
 one_call_blocker), and every row of its answer must say so (PURIFIER_VERSION and CLASSIFIER_VERSION = N);
 otherwise, or if the ensemble fails, the request takes the two pinned calls, purifier/N then classifier/N, and
-dbp_gateway_classify_fallbacks_total counts it by reason. Either way the answer comes from the pair whose card
-the receipt names.
+dbp_gateway_classify_fallbacks_total counts it by reason ("rejected": the ensemble refused the request as
+INVALID_ARGUMENT, usually the client's own fault, which the pinned calls then report precisely). Either way the
+answer comes from the pair whose card the receipt names.
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ class Outcome:
     outputs: dict[str, np.ndarray]
     triton_s: float
     certify: Optional[CertifyInfo] = None
+
+
+class TritonAnswerError(ApiError):
+    """Triton answered, but not what the pinned pair must answer (rows of another version): the request reached
+    Triton, so its backend outcome is "error", not "refused"."""
 
 
 def _status(e: InferenceServerException) -> str:
@@ -252,7 +258,7 @@ class TritonPool:
         if checked:
             v = out.pop(VERSION)
             if not np.all(v == pair.version):
-                raise ApiError(502, "triton_error", f"{model}/{pair.version} answered with rows of version(s) "
+                raise TritonAnswerError(502, "triton_error", f"{model}/{pair.version} answered with rows of version(s) "
                                f"{sorted(set(np.asarray(v).reshape(-1).tolist()))}")
         return out
 
@@ -268,8 +274,13 @@ class TritonPool:
             status, msg = _status(e), e.message() or str(e)
             if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
                 raise
+            # INVALID_ARGUMENT is most often the request's own fault (a declared profile the version refuses to
+            # serve: "has no valid card", a bad input), or an older ensemble without the PROFILE input: the pinned
+            # calls then give the precise answer or error. Counted as "rejected", which the fallback alert ignores
+            # (clients' mistakes must not page); anything else is the ensemble's own failure.
+            why = "rejected" if "INVALID_ARGUMENT" in status else "ensemble_error"
             log.info("ensemble call on %s failed (%s: %s); falling back to the pinned calls", b.url, status, msg)
-            return None, "ensemble_error"
+            return None, why
         pv, cv = out.pop(PURIFIER_VERSION), out.pop(CLASSIFIER_VERSION)
         if pv.size != rows or cv.size != rows or np.any(pv != pair.version) or np.any(cv != pair.version):
             log.warning("the ensemble on %s answered with purifier %s / classifier %s, not the pinned pair %d: "
@@ -353,6 +364,9 @@ class TritonPool:
                     last = self.unavailable(f"Triton at {b.url} became unavailable: {msg}")
                     continue
                 raise ApiError(502, "triton_error", f"Triton failed on the request: {msg}") from None
+            except TritonAnswerError:
+                outcome = "error"  # it reached Triton, whose answer was wrong
+                raise
             except ApiError:
                 outcome = "refused"  # the request did not fit this pair (votes, images): nothing reached Triton
                 raise
