@@ -23,9 +23,10 @@ from . import state
 from .checkpoint import CheckpointError, weights_sha256
 
 from .gate.verdict import SCHEMA, VerdictError, verify
+# the settings a card is bound to: a serving profile's keys (torch-free contract, shared with the gateway)
+from .serving.contract import PROFILE_KEYS as PURIFICATION_KEYS
 
 OLD_SCHEMAS = ("dbp.robustness_card/1", "dbp.robustness_card/2")  # readable (summaries, legacy), never passing
-PURIFICATION_KEYS = ("t_star", "sampler", "num_inference_steps")
 
 
 class CardError(ValueError):
@@ -84,27 +85,54 @@ def card_passes_for(card: Mapping[str, Any] | str | Path, weights: Mapping[str, 
     `baseline`: {"purifier_sha256", "classifier_sha256"} of the deployed version, which the card must have been
     compared with (export passes it; the server, which serves what export let through, does not).
     """
+    failures, v = _failures(card, weights, purification, baseline)
+    if failures:
+        return False, "; ".join(failures)
+    card = _as_card(card)
+    return True, (f"signed by {v['signed_by']}, passes the pinned policy {v['policy_sha256'][:12]}: "
+                  + ", ".join(_summary(s) for s in card["settings"]))
+
+
+def card_failures(card: Mapping[str, Any] | str | Path, weights: Mapping[str, str | Path],
+                  purification: Optional[Mapping[str, Any]] = None, *,
+                  baseline: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Every check of card_passes_for the card fails, in its order (binding, signature and pinned policy, the
+    served VOTES, the baseline), the pinned policy's one item per failed rule; [] exactly when card_passes_for
+    passes. What a legacy entry lists as its failed_rules. A card that cannot be read or is not a robustness card
+    fails that check alone."""
+    return _failures(card, weights, purification, baseline, per_rule=True)[0]
+
+
+def _failures(card, weights, purification, baseline, per_rule: bool = False) -> tuple[list[str], Optional[dict]]:
+    if not isinstance(card, Mapping):
+        try:
+            card = load_card(card)
+        except CardError as e:
+            return [str(e)], None
+    problem = _schema_problem(card)
+    if problem:
+        return [f"invalid robustness card: {problem}"], None
+    failures = []
     ok, reason = card_bound_to(card, weights, purification)
     if not ok:
-        return False, reason
-    card = _as_card(card)
+        failures.append(reason)
+    v = None
     try:
         v = verify(card)
     except VerdictError as e:
-        return False, str(e)
+        failures.extend([str(r) for r in e.reasons] if per_rule and e.reasons else [str(e)])
     attacked = (card.get("served_votes") or {}).get("max") if isinstance(card.get("served_votes"), Mapping) else None
     served_votes = int((purification or {}).get("max_votes") or 1)
     # only the default (1) and the maximum are attacked: robustness at 16 votes says nothing about 4
     if served_votes > 1 and attacked != served_votes:
-        return False, (f"the server allows up to {served_votes} VOTES but the card attacked {attacked} as the "
-                       f"maximum: gate it with --votes {served_votes}, or set max_votes in config.pbtxt to {attacked}")
+        failures.append(f"the server allows up to {served_votes} VOTES but the card attacked {attacked} as the "
+                        f"maximum: gate it with --votes {served_votes}, or set max_votes in config.pbtxt to {attacked}")
     if baseline is not None:
         b = card.get("baseline") if isinstance(card.get("baseline"), Mapping) else {}
         if any(b.get(k) != baseline.get(k) for k in ("purifier_sha256", "classifier_sha256")):
-            return False, ("the card's baseline is not the deployed version (its weights differ): re-run the gate "
-                           "with --baseline_card of the deployed version, measured with the same protocol")
-    return True, (f"signed by {v['signed_by']}, passes the pinned policy {v['policy_sha256'][:12]}: "
-                  + ", ".join(_summary(s) for s in card["settings"]))
+            failures.append("the card's baseline is not the deployed version (its weights differ): re-run the gate "
+                            "with --baseline_card of the deployed version, measured with the same protocol")
+    return failures, v
 
 
 def _as_card(card):
@@ -192,7 +220,7 @@ def _json_default(o: Any) -> Any:
 
 def plot_card(card: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """accuracy.png (grouped by threat model: clean, DW-box, stochastic EoT, bare) and loss.png."""
-    from .plots import _plt, line_plot
+    from .plots import _plt, line_plot, save_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,10 +264,7 @@ def plot_card(card: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     ax.set_title(f"{data.get('dataset', '')}, n={data.get('n', '?')}, "
                  f"{card['model']['purification']['sampler']} x{card['model']['purification']['unet_calls']}")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
-    fig.tight_layout()
-    acc_path = out_dir / "accuracy.png"
-    fig.savefig(acc_path, dpi=110)
-    plt.close(fig)
+    acc_path = save_figure(fig, out_dir / "accuracy.png")
 
     loss_path = line_plot({s["name"]: s["loss_trajectory"] for s in card["settings"] if s["loss_trajectory"]},
                           out_dir / "loss.png", xlabel="PGD step", ylabel="cross-entropy (mean over images)",

@@ -135,34 +135,47 @@ def set_parameter(config: str | Path, key: str, value: Any) -> None:
 
 # ---- what the server accepts --------------------------------------------------------------------
 
+def served_purification(settings: Any, profile: str = DEFAULT_PROFILE) -> dict[str, Any]:
+    """What a card of `profile` must have been measured with to be served: that profile's t_star / sampler /
+    num_inference_steps and the served max_votes (the card must have attacked that many VOTES, dbp.card).
+
+    `settings`: the purifier's dbp.serving.contract.PurifierSettings (its config.pbtxt, parsed). The one place
+    this dict is built: the server (dbp.serving.services), check_version, training.verify / training.profiles
+    and the gate (through purification_settings) all check a card against it. KeyError for an undeclared
+    profile."""
+    return {**settings.profile_table()[profile].purification, "max_votes": int(settings.max_votes)}
+
+
+def purifier_settings(repo: str | Path) -> Any:
+    """The purifier's config.pbtxt parameters as the server parses them (dbp.serving.contract.PurifierSettings);
+    RepositoryError for a malformed one."""
+    from .serving.contract import PurifierSettings, parse_parameters
+
+    try:
+        return parse_parameters(PurifierSettings, read_parameters(model_dir(repo, "purifier") / CONFIG_FILE))
+    except ValueError as e:
+        raise RepositoryError(f"{model_dir(repo, 'purifier') / CONFIG_FILE}: {e}") from None
+
+
 def purification_settings(repo: str | Path, profile: str = DEFAULT_PROFILE) -> dict[str, Any]:
-    """The purifier's served settings (t_star, sampler, num_inference_steps, max_votes) from its config.pbtxt; for
-    a serving profile other than "default", that profile's t_star / sampler / num_inference_steps (`profiles`)."""
-    params = read_parameters(model_dir(repo, "purifier") / CONFIG_FILE)["parameters"]
-    out = {k: params[k]["string_value"] for k in ("t_star", "sampler", "num_inference_steps", "max_votes")
-           if k in params}
-    if profile != DEFAULT_PROFILE:
-        out.update({k: str(v) for k, v in profile_settings(repo)[profile].items()})
-    return out
+    """served_purification of the repository's purifier config.pbtxt: the profile's t_star / sampler /
+    num_inference_steps and max_votes, as the server will run them (KeyError for an undeclared profile)."""
+    return served_purification(purifier_settings(repo), profile)
 
 
 def profile_settings(repo: str | Path) -> dict[str, dict[str, Any]]:
     """{profile: {t_star, sampler, num_inference_steps}} the purifier's config.pbtxt declares, "default" first
     (parsed and checked by dbp.serving.contract.parse_profiles); RepositoryError for a malformed one."""
-    from .serving.contract import PurifierSettings, parse_parameters
-
-    try:
-        s = parse_parameters(PurifierSettings, read_parameters(model_dir(repo, "purifier") / CONFIG_FILE))
-        return {name: p.purification for name, p in s.profile_table().items()}
-    except ValueError as e:
-        raise RepositoryError(f"{model_dir(repo, 'purifier') / CONFIG_FILE}: {e}") from None
+    return {name: p.purification for name, p in purifier_settings(repo).profile_table().items()}
 
 
 def card_path(version: str | Path, profile: str = DEFAULT_PROFILE) -> Path:
     """Where a version dir keeps the card of a serving profile: CARD_FILE for "default", cards/<profile>.json else."""
     if profile == DEFAULT_PROFILE:
         return Path(version) / CARD_FILE
-    if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", profile):
+    from .serving.contract import _PROFILE_NAME
+
+    if not _PROFILE_NAME.match(profile):
         raise RepositoryError(f"bad profile name {profile!r}")
     return Path(version) / CARDS_DIR / f"{profile}.json"
 

@@ -59,18 +59,19 @@ def add(repo: str | Path, version: int, profile: str, card: str | Path, log=prin
     repo = Path(repo)
     vdir = _version_dir(repo, version)
     settings = _profile(repo, profile)
-    # the server's check (purification: the profile's settings and max_votes from config.pbtxt, as export checks)
-    checked = repository.check_version(vdir, ROLE, profile=profile, card=card)
+    data = Path(card).read_bytes()  # read once: what is checked is exactly what is attached
     dst = repository.card_path(vdir, profile)
     with repository.repo_lock(repo):
         dst.parent.mkdir(exist_ok=True)
         tmp = dst.parent / f".{profile}-{secrets.token_hex(4)}.json"
         try:
-            data = Path(card).read_bytes()
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            # the server's check on the temp copy (purification: repository.purification_settings, i.e. the
+            # profile's settings and the served max_votes); the legacy list names the card by these bytes' sha256
+            checked = repository.check_version(vdir, ROLE, profile=profile, card=tmp)
             os.replace(tmp, dst)
             fd = os.open(dst.parent, os.O_RDONLY)
             try:
@@ -88,7 +89,7 @@ def legacy_entry(repo: str | Path, version: int, profile: str, card: str | Path,
                  reason: str) -> dict:
     """The legacy.json entry that would let `card` serve `profile` of `version` although it does not pass: bound
     to the weights and the profile's settings (else no entry helps), with the rules it fails."""
-    from dbp.card import card_bound_to, card_passes_for
+    from dbp.card import card_bound_to, card_failures
 
     repo = Path(repo)
     vdir = _version_dir(repo, version)
@@ -99,11 +100,11 @@ def legacy_entry(repo: str | Path, version: int, profile: str, card: str | Path,
     bound, why = card_bound_to(card, weights, settings)
     if not bound:
         raise repository.RepositoryError(f"no legacy entry can serve this card: {why}")
-    ok, failed = card_passes_for(card, weights, settings)
-    if ok:
-        raise repository.RepositoryError(f"the card passes ({failed}): attach it with `add`, no legacy entry needed")
+    failed = card_failures(card, weights, settings)  # every check it fails, not only the first
+    if not failed:
+        raise repository.RepositoryError("the card passes: attach it with `add`, no legacy entry needed")
     entry = {"model": ROLE, "version": version, "card_sha256": hashlib.sha256(Path(card).read_bytes()).hexdigest(),
-             "failed_rules": [failed], "approver": approver, "expires": expires, "reason": reason}
+             "failed_rules": failed, "approver": approver, "expires": expires, "reason": reason}
     if profile != repository.DEFAULT_PROFILE:
         entry = {"model": ROLE, "version": version, "profile": profile, **{k: v for k, v in entry.items()
                                                                           if k not in ("model", "version")}}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import repository
+from ..serving.contract import PROFILE_KEYS as PURIFICATION_KEYS
 from ..threat_models import MODES, NORMS, THREAT_MODELS
 from .policy import load_policy
 
@@ -193,7 +194,7 @@ def use_served_purification(cfg: GateConfig) -> None:
                             f"{', '.join(repository.profile_settings(repo))}") from None
         except (OSError, repository.RepositoryError) as e:
             raise GateError(f"cannot read the profiles of {repo}: {e}") from None
-        for key in ("sampler", "t_star", "num_inference_steps"):
+        for key in PURIFICATION_KEYS:
             given = getattr(cfg, key)
             if given is not None and str(given) != str(served[key]):
                 raise GateError(f"--{key} {given} contradicts profile {cfg.profile!r} ({key} {served[key]}); "

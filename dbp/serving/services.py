@@ -81,9 +81,9 @@ class PurifierService:
                  require_card: bool = True):
         _set_threads(settings.threads)
         self.settings = settings
+        # what each profile's card must be bound to and have attacked (its settings and the served max_votes)
         self.version = load_version(version_dir, "purifier", require_card,
-                                    {"t_star": settings.t_star, "sampler": settings.sampler,
-                                     "num_inference_steps": settings.num_inference_steps})
+                                    repository.served_purification(settings, DEFAULT_PROFILE))
         eps = load_unet(self.version.weights)
         cfg = eps.unet.config
         self.chw = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
@@ -106,7 +106,8 @@ class PurifierService:
                 continue
             if require_card:
                 try:
-                    card = repository.check_version(self.version.dir, "purifier", p.purification, profile=name)
+                    card = repository.check_version(self.version.dir, "purifier",
+                                                      repository.served_purification(settings, name), profile=name)
                 except repository.RepositoryError as e:
                     self.refused[name] = str(e)
                     print(f"WARNING: {self.version.dir}: not serving profile {name!r}: {e}", file=sys.stderr,

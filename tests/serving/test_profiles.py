@@ -129,6 +129,63 @@ def test_a_legacy_entry_serves_a_failing_profile_card_of_its_profile_only(repo, 
         profiles_cli.legacy_entry(copy, 1, "mis", repository.card_path(v, "mis"), "t", "2999-01-01", "r")
 
 
+def test_profiles_add_attaches_exactly_the_bytes_it_checked(repo, tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt,
+                                                            monkeypatch):
+    """No check-then-use race: a card swapped for another after the check is not what gets attached."""
+    copy = tmp_path / "model_repository"
+    shutil.copytree(repo, copy)
+    v = repository.version_dir(copy, "purifier", 1)
+    good = write_card(tmp_path / "good.json", tiny_diffusion_ckpt, tiny_classifier_ckpt,
+                      purification=TEST_PROFILES["nocard"])
+    checked = good.read_bytes()
+    real = repository.check_version
+
+    def check_then_swap(*a, **kw):
+        out = real(*a, **kw)
+        write_card(good, tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False,
+                   purification=TEST_PROFILES["nocard"])  # the file changes once it was checked
+        return out
+    monkeypatch.setattr(repository, "check_version", check_then_swap)
+    dst = profiles_cli.add(copy, 1, "nocard", good, log=lambda *a: None)
+    assert good.read_bytes() != checked and dst.read_bytes() == checked
+    monkeypatch.setattr(repository, "check_version", real)
+    assert repository.check_version(v, "purifier", profile="nocard")["gate_status"]["status"] == "passed"
+
+
+def test_a_profile_card_must_have_attacked_the_served_max_votes(repo, tmp_path, tiny_diffusion_ckpt,
+                                                                  tiny_classifier_ckpt):
+    """The server checks each profile's card with the served max_votes (config.pbtxt: 16), as training.verify
+    does: a signed card that passes but attacked 1 VOTE is refused, not served as "passed" with VOTES up to 16."""
+    from dbp.serving.services import PurifierService
+
+    copy = tmp_path / "model_repository"
+    shutil.copytree(repo, copy)
+    v = repository.version_dir(copy, "purifier", 1)
+    cfg = copy / "purifier" / repository.CONFIG_FILE
+    settings = contract.parse_parameters(contract.PurifierSettings, repository.read_parameters(cfg))
+    assert settings.max_votes == 16
+    write_card(repository.card_path(v, "fast"), tiny_diffusion_ckpt, tiny_classifier_ckpt,
+               purification=TEST_PROFILES["fast"], votes=1)  # by hand: `add` refuses it
+    with pytest.raises(repository.RepositoryError, match="up to 16 VOTES but the card attacked 1"):
+        repository.check_version(v, "purifier", profile="fast")
+    service = PurifierService(v, settings)
+    assert "fast" not in service.purifiers and "up to 16 VOTES" in service.refused["fast"]
+    # one rule: the server, check_version, training.verify / training.profiles and the gate build it alike
+    assert repository.served_purification(settings, "fast") == {**TEST_PROFILES["fast"], "max_votes": 16}
+    assert repository.purification_settings(copy, "fast") == repository.served_purification(settings, "fast")
+    out = service([{"IMAGES": images(1, seed=1), "SEED": seeds(3), "VOTES": np.array([[16]], dtype=np.int32),
+                    "PROFILE": np.array([[b"fast"]], dtype=object)}])[0]
+    assert isinstance(out, contract.RequestError) and "has no valid card" in str(out)
+    # the legacy entry of such a card lists every check it fails: the pinned policy's rules and the VOTES
+    failing = write_card(tmp_path / "failing.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False,
+                         purification=TEST_PROFILES["fast"], votes=1)
+    rules = profiles_cli.legacy_entry(copy, 1, "fast", failing, "tests", "2999-01-01", "a test")["failed_rules"]
+    assert any("VOTES" in r for r in rules) and len(rules) >= 2
+    assert not any("VOTES" in r for r in profiles_cli.legacy_entry(
+        copy, 1, "fast", write_card(tmp_path / "f16.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, passed=False,
+                                    purification=TEST_PROFILES["fast"]), "t", "2999-01-01", "r")["failed_rules"])
+
+
 # ---- the in-process service ------------------------------------------------------------------------------
 
 def _reference(repo, profile: str, x: np.ndarray, row_seeds: list[int]) -> np.ndarray:
