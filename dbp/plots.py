@@ -35,12 +35,12 @@ def _plt():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (PNG at 110 dpi, the project's figures) and close a matplotlib figure; returns the path."""
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (PNG, 110 dpi for the project's figures) and close a matplotlib figure; returns the path."""
     path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     _plt().close(fig)
     return path
 

@@ -141,7 +141,7 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
     PGD --steps) on ctx's images: the card's figures are converged when the curves are flat. Resumable
     per point (convergence.json, which also keeps the evaluation's configuration: points of another model,
     image count or seed are never mixed in); writes convergence.png."""
-    from ..plots import _plt
+    from ..plots import _plt, save_figure
 
     cfg = ctx.cfg
     out = Path(out or cfg.out_dir)
@@ -180,9 +180,7 @@ def convergence_report(ctx: Ctx, steps: tuple[int, ...] = (20, 50, 100), eots: t
         ax.legend(fontsize=7)
     fig.suptitle(f"gate convergence, n={len(y)} images, {ctx.defense.purifier.sampler} "
                  f"x{ctx.defense.purifier.n_unet_calls}")
-    fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "convergence.png")
     return res
 
 

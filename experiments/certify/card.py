@@ -301,6 +301,8 @@ def plot(card: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from dbp.plots import save_figure
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in card["sigmas"]:
         rows = s["certificates"]
@@ -324,9 +326,7 @@ def plot(card: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"certified l_2 accuracy, n = {card['config']['n']}, alpha = {card['config']['alpha']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def git_commit() -> str:
