@@ -97,7 +97,7 @@ def test_export_writes_gated_versions_and_keeps_the_last_two(repo, tmp_path, tin
     (dict(modes=("dwbox",)), "strength (paper linf eps=0.03137 eot): setting missing"),  # randomized, no EoT
     (dict(steps=2, eot=2), "PGD-2 < 20 steps"),  # --preset smoke
     (dict(n={"dwbox": 64, "eot": 16}), "n=64 < 256"),  # the old CPU sizes
-    (dict(purification={"t_star": 50}), "t_star: served '100' vs card 50"),
+    (dict(purification={"t_star": 50}), "t_star: served 100 vs card 50"),
     (dict(expected=False), "no per-image expected accuracy over k >= 10"),
     (dict(clean=0.7), "clean (purified): 69.9%"),
     (dict(robust=0.12), "vs_bare (paper l2 eps=0.5 eot)"),  # 12% vs 5% on 64 images: lower bound < +10 points
