@@ -28,25 +28,13 @@ def stack(tmp_path_factory, tiny_diffusion_ckpt, tiny_classifier_ckpt):
             gw.stop()
 
 
-def _purifier_executions(srv) -> int:
+def _requests(srv, model: str) -> int:
+    """Requests `model` answered, failed ones included (Triton's statistics)."""
     import tritonclient.http as http
 
     c = http.InferenceServerClient(srv.http_url)
     try:
-        stats = c.get_inference_statistics("purifier")["model_stats"]
-        return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
-                   for s in stats)
-    finally:
-        c.close()
-
-
-def _ensemble_requests(srv) -> int:
-    """Requests the purify_classify ensemble answered, failed ones included (Triton's statistics)."""
-    import tritonclient.http as http
-
-    c = http.InferenceServerClient(srv.http_url)
-    try:
-        stats = c.get_inference_statistics("purify_classify")["model_stats"]
+        stats = c.get_inference_statistics(model)["model_stats"]
         return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
                    for s in stats)
     finally:
@@ -63,25 +51,25 @@ def _fallbacks(gw) -> dict[str, float]:
 def test_unknown_profile_is_422_listing_the_known_ones_and_nothing_reaches_triton(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
-    before = _purifier_executions(srv)
+    before = _requests(srv, "purifier")
     with gw.client() as c:
         for route in ("/classify", "/purify"):
             r = c.post(route, params={"profile": "turbo"}, files=[("images", ("a.png", blob, "image/png"))])
             assert r.status_code == 422, r.text
             assert r.json()["reason"] == "unknown_profile"
             assert "default, fast, mis, nocard" in r.json()["detail"]
-    assert _purifier_executions(srv) == before
+    assert _requests(srv, "purifier") == before
 
 
 def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
-    fb0, ens0 = _fallbacks(gw), _ensemble_requests(srv)
+    fb0, ens0 = _fallbacks(gw), _requests(srv, "purify_classify")
     with gw.client() as c:
         fast = c.post("/classify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
     # the fast profile went through the ensemble in one call (PROFILE passed along), not the two pinned calls
     assert fast.status_code == 200, fast.text
-    assert _fallbacks(gw) == fb0 and _ensemble_requests(srv) == ens0 + 1
+    assert _fallbacks(gw) == fb0 and _requests(srv, "purify_classify") == ens0 + 1
     with gw.client() as c:
         plain = c.post("/classify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
         png = c.post("/purify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
