@@ -139,10 +139,9 @@ def synthetic_card(purifier: Path, classifier: Path, passed: bool = True, *, pur
 
 
 def served_purification(repo: Path) -> dict:
-    """The purification settings a repository's purifier/config.pbtxt serves, typed as a card records them."""
-    served = repository.purification_settings(repo)
-    return {"t_star": int(served["t_star"]), "sampler": served["sampler"],
-            "num_inference_steps": int(served["num_inference_steps"])}
+    """The purification settings a repository's purifier/config.pbtxt serves (its default profile), as a card
+    records them."""
+    return repository.profile_settings(repo)[repository.DEFAULT_PROFILE]
 
 
 def write_card(path: Path, purifier: Path, classifier: Path, passed: bool = True, **kw) -> Path:
@@ -264,6 +263,27 @@ class Client:
 
 
 # ---- request tensors ------------------------------------------------------------------------------------
+
+def model_requests(server: TritonServer, model: str) -> int:
+    """Requests `model` has answered so far, failed ones included (Triton's statistics: requests, not images)."""
+    import tritonclient.http as http
+
+    c = http.InferenceServerClient(server.http_url)
+    try:
+        stats = c.get_inference_statistics(model)["model_stats"]
+        return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
+                   for s in stats)
+    finally:
+        c.close()
+
+
+GATEWAY_FALLBACKS = "dbp_gateway_classify_fallbacks_total"
+
+
+def gateway_fallbacks(gw) -> dict[str, float]:
+    """{reason: count} of the gateway's /classify fallbacks to the two pinned calls (its /metrics)."""
+    return {k.split('"')[1]: v for k, v in gw.metrics().items() if k.startswith(GATEWAY_FALLBACKS + "{")}
+
 
 def images(n: int, seed: int = 0, chw: tuple[int, int, int] = (1, 32, 32)) -> np.ndarray:
     return np.random.default_rng(seed).random((n, *chw), dtype=np.float32)

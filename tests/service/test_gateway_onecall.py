@@ -11,25 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import Client, images, running_triton, seeds, votes
+from helpers import Client, gateway_fallbacks, images, model_requests, running_triton, seeds, votes
 
 pytest.importorskip("tritonclient.grpc")
 
 SECRET = "onecall-test-seed-secret-" + "0" * 32
-FALLBACKS = "dbp_gateway_classify_fallbacks_total"
-
-
-def fallbacks(gw) -> dict[str, float]:
-    return {k.split('"')[1]: v for k, v in gw.metrics().items() if k.startswith(FALLBACKS + "{")}
-
-
-def ensemble_count(triton) -> int:
-    c = Client(triton, "grpc")
-    try:
-        stats = c.c.get_inference_statistics("purify_classify", as_json=True)["model_stats"]
-        return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)  # requests, not images
-    finally:
-        c.close()
 
 
 def classify(gw, png: bytes, **params):
@@ -64,16 +50,16 @@ def test_one_call_answers_exactly_what_the_two_pinned_calls_answer(gateway_facto
     two = gateway_factory(seed_secret=SECRET, one_call="false")
     png = next(iter(fashion_pngs.values()))
     for params in ({}, {"votes": 3}):
-        before = ensemble_count(triton)
+        before = model_requests(triton, "purify_classify")
         a = classify(one, png, **params)
-        assert ensemble_count(triton) == before + 1  # one ensemble request, nothing else
+        assert model_requests(triton, "purify_classify") == before + 1  # one ensemble request, nothing else
         b = classify(two, png, **params)
-        assert ensemble_count(triton) == before + 1  # the pinned calls do not touch the ensemble
+        assert model_requests(triton, "purify_classify") == before + 1  # the pinned calls do not touch the ensemble
         ja, jb = a.json(), b.json()
         assert ja["predictions"] == jb["predictions"] and ja["model"] == jb["model"]
         assert ja["model"]["purifier_version"] == ja["model"]["classifier_version"] == 1
         assert a.headers["X-Purifier-Version"] == a.headers["X-Classifier-Version"] == "1"
-    assert set(fallbacks(one).values()) == {0.0}  # every reason listed, none taken
+    assert set(gateway_fallbacks(one).values()) == {0.0}  # every reason listed, none taken
 
 
 @pytest.fixture
@@ -108,7 +94,7 @@ def test_a_newer_purifier_without_its_classifier_falls_back_to_the_pinned_pair(u
         stale = gateway_factory(urls=[srv.grpc_url], seed_secret=SECRET, probe_interval_s=300,
                                 model_repository=uneven_repo)
         ref = classify(stale, png).json()
-        assert set(fallbacks(stale).values()) == {0.0}
+        assert set(gateway_fallbacks(stale).values()) == {0.0}
         shutil.copytree(uneven_repo / "purifier" / "1", uneven_repo / "purifier" / "2")
         wait_ready_version(srv, "purifier", "2")
         # between two probes: the ensemble answers with purifier 2, the rows say so, the gateway asks the pair 1
@@ -116,15 +102,15 @@ def test_a_newer_purifier_without_its_classifier_falls_back_to_the_pinned_pair(u
         assert r.json()["model"]["purifier_version"] == r.json()["model"]["classifier_version"] == 1
         assert r.headers["X-Purifier-Version"] == r.headers["X-Classifier-Version"] == "1"
         assert r.json()["predictions"] == ref["predictions"]  # purifier/2 holds the same weights: same answer
-        assert fallbacks(stale)["version_mismatch"] == 1 and sum(fallbacks(stale).values()) == 1
+        assert gateway_fallbacks(stale)["version_mismatch"] == 1 and sum(gateway_fallbacks(stale).values()) == 1
         # a gateway that probes now knows beforehand: no ensemble call at all
         fresh = gateway_factory(urls=[srv.grpc_url], seed_secret=SECRET, model_repository=uneven_repo)
-        before = ensemble_count(srv)
+        before = model_requests(srv, "purify_classify")
         r = classify(fresh, png)
         assert r.json()["model"]["purifier_version"] == r.json()["model"]["classifier_version"] == 1
         assert r.json()["robustness"] is not None and r.json()["predictions"] == ref["predictions"]
-        assert ensemble_count(srv) == before
-        assert fallbacks(fresh)["not_newest"] == 1 and sum(fallbacks(fresh).values()) == 1
+        assert model_requests(srv, "purify_classify") == before
+        assert gateway_fallbacks(fresh)["not_newest"] == 1 and sum(gateway_fallbacks(fresh).values()) == 1
         # /purify was one call already: purifier/1, its VERSION checked
         with fresh.client() as c:
             assert c.post("/purify", files=[("images", ("a.png", png, "image/png"))],

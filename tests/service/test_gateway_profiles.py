@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gateway_testing import Gateway
-from helpers import FAST_CARD_CLEAN, TEST_PROFILES, profile_repo, running_triton
+from helpers import FAST_CARD_CLEAN, TEST_PROFILES, gateway_fallbacks, model_requests, profile_repo, running_triton
 
 DEFAULT = {"t_star": 20, "sampler": "ddpm", "num_inference_steps": 50}  # helpers.FAST_PURIFIER
 
@@ -28,48 +28,28 @@ def stack(tmp_path_factory, tiny_diffusion_ckpt, tiny_classifier_ckpt):
             gw.stop()
 
 
-def _requests(srv, model: str) -> int:
-    """Requests `model` answered, failed ones included (Triton's statistics)."""
-    import tritonclient.http as http
-
-    c = http.InferenceServerClient(srv.http_url)
-    try:
-        stats = c.get_inference_statistics(model)["model_stats"]
-        return sum(int(s["inference_stats"]["success"]["count"]) + int(s["inference_stats"]["fail"]["count"])
-                   for s in stats)
-    finally:
-        c.close()
-
-
-FALLBACKS = "dbp_gateway_classify_fallbacks_total"
-
-
-def _fallbacks(gw) -> dict[str, float]:
-    return {k.split('"')[1]: v for k, v in gw.metrics().items() if k.startswith(FALLBACKS + "{")}
-
-
 def test_unknown_profile_is_422_listing_the_known_ones_and_nothing_reaches_triton(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
-    before = _requests(srv, "purifier")
+    before = model_requests(srv, "purifier")
     with gw.client() as c:
         for route in ("/classify", "/purify"):
             r = c.post(route, params={"profile": "turbo"}, files=[("images", ("a.png", blob, "image/png"))])
             assert r.status_code == 422, r.text
             assert r.json()["reason"] == "unknown_profile"
             assert "default, fast, mis, nocard" in r.json()["detail"]
-    assert _requests(srv, "purifier") == before
+    assert model_requests(srv, "purifier") == before
 
 
 def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashion_pngs):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
-    fb0, ens0 = _fallbacks(gw), _requests(srv, "purify_classify")
+    fb0, ens0 = gateway_fallbacks(gw), model_requests(srv, "purify_classify")
     with gw.client() as c:
         fast = c.post("/classify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
     # the fast profile went through the ensemble in one call (PROFILE passed along), not the two pinned calls
     assert fast.status_code == 200, fast.text
-    assert _fallbacks(gw) == fb0 and _requests(srv, "purify_classify") == ens0 + 1
+    assert gateway_fallbacks(gw) == fb0 and model_requests(srv, "purify_classify") == ens0 + 1
     with gw.client() as c:
         plain = c.post("/classify", params={"seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
         png = c.post("/purify", params={"profile": "fast", "seed": 5}, files=[("images", ("a.png", blob, "image/png"))])
@@ -97,10 +77,10 @@ def test_profile_with_its_card_classifies_and_the_receipt_names_it(stack, fashio
 def test_a_declared_profile_without_a_valid_card_is_a_4xx(stack, fashion_pngs, profile):
     repo, srv, gw = stack
     blob = list(fashion_pngs.values())[0]
-    fb0 = _fallbacks(gw)
+    fb0 = gateway_fallbacks(gw)
     with gw.client() as c:
         r = c.post("/classify", params={"profile": profile}, files=[("images", ("a.png", blob, "image/png"))])
-        fb1 = _fallbacks(gw)
+        fb1 = gateway_fallbacks(gw)
         ok = c.post("/classify", files=[("images", ("a.png", blob, "image/png"))])
     assert r.status_code == 422, r.text
     assert r.json()["reason"] == "profile_not_served" and "has no valid card" in r.json()["detail"]
