@@ -70,3 +70,28 @@ def test_sweep_resumes_refuses_and_plots(tiny_classifier_ckpt, tiny_diffusion_ck
     # another configuration is refused, naming what differs
     with pytest.raises(StateMismatch, match="steps"):
         sweep.main(args(ckpts, out, "--steps", "3"))
+
+
+def _result(per_image, eot):
+    return {c: {"per_image": list(per_image)} for c in sweep.PAIRED_OUTCOMES} | {"eot_linf_8_255": {"per_image": eot}}
+
+
+def test_paired_vs_served_counts_and_exact_p():
+    """Point vs the served point, image by image: 5 images right only at the point and none only at the served one
+    give McNemar p = 2 / 2^5; EoT hits out of k = 10 (+2 on each of 3 images) give the exact sign-flip p = 2 / 2^3.
+    A point without results, and the served point itself, are left out."""
+    pts = [{"name": "t100-n100", "served": True, "unet_calls": 11}, {"name": "t100-n40", "served": False,
+                                                                     "unet_calls": 5},
+           {"name": "t150-n100", "served": False, "unet_calls": 16}]
+    served = _result([1.0] * 5 + [0.0] * 5 + [1.0] * 2, [0.5, 0.5, 0.5, 0.3])
+    point = _result([1.0] * 5 + [1.0] * 5 + [1.0] * 2, [0.7, 0.7, 0.7, 0.3])
+    done = {"t100-n100": {"results": served}, "t100-n40": {"results": point}}
+    pairs = sweep.paired_vs_served({"k": 10}, pts, done)
+    assert set(pairs) == {"t100-n40"}
+    q = pairs["t100-n40"]
+    assert (q["clean"]["only_point_right"], q["clean"]["only_served_right"], q["clean"]["n"]) == (5, 0, 12)
+    assert q["dwbox_linf_8_255"]["p_value"] == pytest.approx(2 / 32) and q["clean"]["diff"] == pytest.approx(5 / 12)
+    assert q["eot_linf_8_255"]["diff"] == pytest.approx(0.15) and q["eot_linf_8_255"]["p_value"] == pytest.approx(0.25)
+    md = "\n".join(sweep.paired_markdown({"k": 10}, pts, pairs))
+    assert "| t100-n40 | 5 | +41.7 (5 / 0, p=0.062) |" in md and "t150-n100" not in md
+    assert sweep.paired_vs_served({"k": 10}, pts, {"t100-n40": {"results": point}}) == {}  # nothing to pair with

@@ -41,7 +41,6 @@ import torch
 from dbp import repository
 from dbp.data import load_fashion_mnist
 from dbp.models import Defense, Purifier, load_classifier, load_unet
-from dbp.paired import PairedTable, mcnemar_exact, newcombe_interval, paired_hits
 from dbp.runtime import git_commit, set_threads
 from dbp.state import require_same, write_json, write_text
 from experiments.sweeps import purification_sweep as sweep
@@ -146,21 +145,8 @@ def run_unit(u: dict, cfg: dict, eps: dict, classifier, x, y, a, out: Path, swee
 
 # ---- paired comparisons and outputs ------------------------------------------------------------------------
 
-def _outcomes(r: dict) -> list[bool]:
-    return [v >= 0.5 for v in r["per_image"]]
-
-
 def paired(addt: dict, base: dict, cfg: dict) -> dict:
-    out = {}
-    for c in ("clean", "dwbox_linf_8_255"):
-        t = PairedTable.from_outcomes(_outcomes(addt[c]), _outcomes(base[c]))
-        out[c] = {"n": t.n, "only_addt_right": t.b, "only_base_right": t.c, "diff": (t.b - t.c) / t.n,
-                  "ci95": list(newcombe_interval(t)), "p_value": mcnemar_exact(t.b, t.c),
-                  "method": "exact McNemar, Newcombe interval"}
-    k = cfg["k"]
-    hits = [[round(v * k) for v in r["eot_linf_8_255"]["per_image"]] for r in (addt, base)]
-    out["eot_linf_8_255"] = paired_hits(hits[0], hits[1], k)
-    return out
+    return sweep.paired_results(addt, base, cfg["k"], names=("addt", "base"), outcomes=("clean", "dwbox_linf_8_255"))
 
 
 def _pct(v: float) -> str:
@@ -195,6 +181,13 @@ def markdown(cfg: dict, units: list[dict], done: dict, pairs: dict) -> str:
                      f"| {diff('eot_linf_8_255')} "
                      f"| {rb['gradient_cosine']['draws_1']['mean']:.2f} / {rd['gradient_cosine']['draws_1']['mean']:.2f} "
                      f"| {rd['latency']['batch_1']['ms_per_image']:.0f} ({rd['latency']['batch_1']['cpu_ms_per_image']:.0f}) |")
+    if pairs:
+        # a count, not a test: the samplers attack the same images, so their tables are not independent
+        tot = {c: [sum(pairs[s][c][f"only_{m}_right"] for s in pairs) for m in ("addt", "base")]
+               for c in ("clean", "dwbox_linf_8_255")}
+        lines += ["", f"Summed over the {len(pairs)} samplers ({', '.join(pairs)}), images right only with ADDT / only "
+                  f"with the base: DW-box {tot['dwbox_linf_8_255'][0]} / {tot['dwbox_linf_8_255'][1]}, clean "
+                  f"{tot['clean'][0]} / {tot['clean'][1]}. A count, not a test: the samplers share their images."]
     return "\n".join(lines) + "\n"
 
 

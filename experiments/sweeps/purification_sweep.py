@@ -51,6 +51,7 @@ from dbp import repository
 from dbp.attacks import AttackConfig, build_attack
 from dbp.data import load_fashion_mnist
 from dbp.models import Defense, Purifier, load_classifier, load_unet
+from dbp.paired import PairedTable, mcnemar_exact, newcombe_interval, paired_hits
 from dbp.robustness import adversarial_correct, expected_correct, mean_interval, single_shot
 from dbp.runtime import git_commit, set_threads
 from dbp.sanity_checks import eot_gradient_consistency
@@ -342,6 +343,64 @@ def summary(c: str, r: dict) -> str:
     return f"{100 * r['acc']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] (n={r['n']})"
 
 
+# ---- paired comparisons -------------------------------------------------------------------------------------
+# Every point runs on the same images with the same seeds and attack salts, so two points' per-image outcomes pair.
+
+PAIRED_OUTCOMES = ("clean", "dwbox_linf_8_255", "dwbox_linf_0.1")
+
+
+def _outcomes(r: dict) -> list[bool]:
+    return [v >= 0.5 for v in r["per_image"]]
+
+
+def paired_results(cand: dict, base: dict, k: int, names: tuple[str, str] = ("candidate", "baseline"),
+                   outcomes: tuple[str, ...] = PAIRED_OUTCOMES) -> dict:
+    """`cand` - `base` (two points' results) per measurement: exact McNemar with a Newcombe interval on the 0/1
+    outcomes, the exact sign-flip test on the EoT hits out of k (dbp.paired)."""
+    out = {}
+    for c in outcomes:
+        t = PairedTable.from_outcomes(_outcomes(cand[c]), _outcomes(base[c]))
+        out[c] = {"n": t.n, f"only_{names[0]}_right": t.b, f"only_{names[1]}_right": t.c, "diff": (t.b - t.c) / t.n,
+                  "ci95": list(newcombe_interval(t)), "p_value": mcnemar_exact(t.b, t.c),
+                  "method": "exact McNemar, Newcombe interval"}
+    hits = [[round(v * k) for v in r["eot_linf_8_255"]["per_image"]] for r in (cand, base)]
+    out["eot_linf_8_255"] = paired_hits(hits[0], hits[1], k)
+    return out
+
+
+def paired_vs_served(cfg: dict, points: list[dict], done: dict) -> dict:
+    """Each measured point against the served one: what moving off the served setting changes, image by image."""
+    served = next((p["name"] for p in points if p["served"] and p["name"] in done), None)
+    if served is None:
+        return {}
+    return {p["name"]: paired_results(done[p["name"]]["results"], done[served]["results"], cfg["k"],
+                                      names=("point", "served"))
+            for p in points if p["name"] in done and p["name"] != served}
+
+
+def paired_markdown(cfg: dict, points: list[dict], pairs: dict) -> list[str]:
+    if not pairs:
+        return []
+    served = next(p["name"] for p in points if p["served"])
+
+    def cell(q):
+        if "only_point_right" in q:
+            return (f"{100 * q['diff']:+.1f} ({q['only_point_right']} / {q['only_served_right']}, "
+                    f"p={q['p_value']:.2g})")
+        return f"{100 * q['diff']:+.1f} [{100 * q['ci95'][0]:+.0f}, {100 * q['ci95'][1]:+.0f}] (p={q['p_value']:.2g})"
+    lines = ["", f"## Each point against the served one ({served}), paired", "",
+             "Point - served in points, on the same images and noise. 0/1 outcomes: (images right only at the point "
+             "/ only at the served setting, exact McNemar p); EoT: the mean difference of expected accuracy "
+             f"[95% interval] (exact sign-flip p over the hits out of k={cfg['k']}).", "",
+             "| point | UNet calls | clean | DW-box 8/255 | DW-box 0.1 | EoT 8/255 |", "| --- " * 6 + "|"]
+    for p in points:
+        q = pairs.get(p["name"])
+        if q is not None:
+            lines.append(f"| {p['name']} | {p['unet_calls']} | "
+                         + " | ".join(cell(q[c]) for c, _ in ACC_ROWS) + " |")
+    return lines
+
+
 # ---- outputs ------------------------------------------------------------------------------------------------
 
 ACC_ROWS = (("clean", "clean"), ("dwbox_linf_8_255", "DW-box 8/255"), ("dwbox_linf_0.1", "DW-box 0.1"),
@@ -376,7 +435,7 @@ def markdown(cfg: dict, points: list[dict], done: dict) -> str:
                      f" | {r['latency'][lb]['ms_per_image']:.1f}"
                      f" | {r['latency']['batch_1'].get('cpu_ms_per_image', float('nan')):.1f}"
                      f" | {r['latency'][lb].get('cpu_ms_per_image', float('nan')):.1f} | {sum(s['seconds'].values()):.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired_markdown(cfg, points, paired_vs_served(cfg, points, done))) + "\n"
 
 
 def figure(sweep: str, points: list[dict], done: dict, path: Path) -> Optional[Path]:
@@ -438,8 +497,10 @@ def write_outputs(out: Path, cfg: dict, points: list[dict], copy_to: Optional[Pa
     doc = {"config": cfg, "points": [{**p, **({"results": done[p["name"]]["results"],
                                               "seconds": done[p["name"]]["seconds"],
                                               "load_average": done[p["name"]].get("load_average"),
-                                              "finished_utc": done[p["name"]].get("finished_utc")}
+                                              "finished_utc": done[p["name"]].get("finished_utc"),
+                                              "git_commit": done[p["name"]].get("git_commit")}
                                              if p["name"] in done else {"results": None})} for p in points],
+           "paired_vs_served": paired_vs_served(cfg, points, done),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
     paths = [write_json(out / "purification_sweep.json", doc), write_text(out / "purification_sweep.md",
                                                                           markdown(cfg, points, done))]
