@@ -35,19 +35,26 @@ class CardError(ValueError):
 
 def load_card(path: str | Path) -> dict[str, Any]:
     """Read and minimally validate a card (schema tag, model hashes, gate block)."""
+    return read_card(path)[0]
+
+
+def read_card(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """load_card, and the exact bytes the card was parsed from: the server hashes what it checked, never a second
+    read of a file that may have changed meanwhile (dbp.repository.check_version)."""
     path = Path(path)
     if path.is_dir():
         path = path / "card.json"
     if not path.exists():
         raise CardError(f"no robustness card at {path}")
     try:
-        card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+        card = json.loads(raw)
+    except (OSError, ValueError) as e:
         raise CardError(f"cannot read robustness card {path}: {e}") from e
     problem = _schema_problem(card)
     if problem:
         raise CardError(f"{path} is not a valid robustness card: {problem}")
-    return card
+    return card, raw
 
 
 def _schema_problem(card: Any) -> str | None:

@@ -196,8 +196,13 @@ def check_version(version: str | Path, role: str, purification: Optional[Mapping
     (card_path: cards/<profile>.json) bound to that profile's settings; a legacy entry names its profile
     ("profile", absent = "default"). `card`: check this card file instead of the one in the version dir (what
     `python -m training.profiles add` does before it copies a card in).
+
+    `gate_status["card_sha256"]` is the sha256 of the very bytes that were checked (the file is read once), which
+    the purifier answers per row (CARD_SHA256) so a receipt can show that it describes this card.
     """
-    from .card import CardError, card_bound_to, card_passes_for, load_card
+    import hashlib
+
+    from .card import CardError, card_bound_to, card_passes_for, read_card
 
     version = Path(version)
     path = Path(card) if card is not None else card_path(version, profile)
@@ -208,15 +213,16 @@ def check_version(version: str | Path, role: str, purification: Optional[Mapping
         except KeyError:
             raise RepositoryError(f"{version}: the purifier's config.pbtxt declares no profile {profile!r}") from None
     try:
-        loaded = load_card(path)
+        loaded, raw = read_card(path)
     except CardError as e:
         hint = ("publish versions with `python -m training.export`" if profile == DEFAULT_PROFILE else
                 f"attach one with `python -m training.profiles add --version {version.name} --profile {profile}`")
         raise RepositoryError(f"{version}{what}: {e}; {hint}") from None
+    sha = hashlib.sha256(raw).hexdigest()
     ok, reason = card_passes_for(loaded, {role: version / WEIGHTS_DIR}, purification)
     if ok:
-        return {**loaded, "gate_status": {"status": "passed", "detail": reason}}
-    entry = legacy_entry(version, role, card=path, profile=profile)
+        return {**loaded, "gate_status": {"status": "passed", "detail": reason, "card_sha256": sha}}
+    entry = legacy_entry(version, role, card=path, profile=profile, card_sha256=sha)
     if entry is None:
         raise RepositoryError(f"{version}{what}: refusing to serve: {reason}")
     bound, why = card_bound_to(loaded, {role: version / WEIGHTS_DIR}, purification)
@@ -262,10 +268,11 @@ def check_certify_version(version: str | Path, classifier_weights: str | Path) -
 
 
 def legacy_entry(version: str | Path, role: str, today: Optional[str] = None, *, card: str | Path | None = None,
-                 profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+                 profile: str = DEFAULT_PROFILE, card_sha256: Optional[str] = None) -> Optional[dict]:
     """The repository's legacy-list entry for this version, profile and card, if one stands and has not expired.
 
     `card`: the card file whose sha256 the entry must name (default: the profile's card_path in the version dir);
+    `card_sha256`: that sha256 already computed from the bytes the caller checked (the file is then not read again);
     an entry without "profile" is the "default" profile's."""
     import datetime
     import hashlib
@@ -274,8 +281,8 @@ def legacy_entry(version: str | Path, role: str, today: Optional[str] = None, *,
     repo = version.parent.parent
     try:
         listed = json.loads((repo / LEGACY_FILE).read_text())
-        card_sha = hashlib.sha256(Path(card if card is not None else card_path(version, profile)).read_bytes()
-                                  ).hexdigest()
+        card_sha = card_sha256 or hashlib.sha256(
+            Path(card if card is not None else card_path(version, profile)).read_bytes()).hexdigest()
     except (OSError, json.JSONDecodeError):
         return None
     today = today or datetime.date.today().isoformat()

@@ -78,6 +78,26 @@ def test_committed_versions_are_served_and_legacy_ones_say_so():
                 assert status["failed_rules"] and status["approver"] and status["expires"]
 
 
+def test_check_version_hashes_the_bytes_it_checked(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt, monkeypatch):
+    """gate_status card_sha256 is the sha256 of the bytes that were parsed and checked: the card file is read once,
+    so a rewrite while the check runs (here: during the verdict) is not what the sha describes."""
+    import hashlib
+
+    from dbp import card as card_mod
+    repo, v = _version(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    path = v / repository.CARD_FILE
+    raw = path.read_bytes()
+    passes = card_mod.card_passes_for
+
+    def rewrite_while_checking(*a, **kw):
+        path.write_text(json.dumps(json.loads(raw), indent=2))
+        return passes(*a, **kw)
+    monkeypatch.setattr(card_mod, "card_passes_for", rewrite_while_checking)
+    status = repository.check_version(v, "purifier")["gate_status"]
+    assert status["status"] == "passed" and path.read_bytes() != raw
+    assert status["card_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
 def _version(tmp_path, ckpt, cls_ckpt, **card_kw):
     """repo/purifier/1 holding the tiny purifier and a synthetic card (keywords: see helpers.synthetic_card)."""
     repo = copy_repo_configs(tmp_path / "model_repository")
@@ -129,6 +149,7 @@ def test_the_legacy_list_is_bound_to_one_card_and_expires(tmp_path, tiny_diffusi
     legacy.write_text(json.dumps({"versions": [entry]}))
     status = repository.check_version(v, "purifier")["gate_status"]
     assert status["status"] == "legacy" and status["failed_rules"] == ["strength: no EoT setting"]
+    assert status["card_sha256"] == entry["card_sha256"]
     assert "setting missing" in status["detail"]  # the recomputed reasons travel with it
     for broken in ({"expires": "2000-01-01"}, {"approver": ""}, {"failed_rules": []}, {"version": 2}):
         legacy.write_text(json.dumps({"versions": [{**entry, **broken}]}))

@@ -15,9 +15,13 @@ Tensor contract (batch dim B first, as Triton's max_batch_size implies):
            -> LOGITS [B, n] (mean over votes), PROBS [B, n] (mean softmax over votes),
               LABEL INT64 [B, 1] (majority of the k votes), AGREEMENT FP32 [B, 1] (share of votes for LABEL)
   both        VERSION INT64 [B, 1]: the version number of the model instance that computed the row
+  purifier    CARD_SHA256 BYTES [B, 1]: sha256 (hex) of the card bytes the instance checked at load for the profile
+              that served the row (dbp.repository.check_version), so a receipt can show it describes that card;
+              optional in config.pbtxt (a config written before it loads without it and answers no CARD_SHA256)
   ensemble    purify_classify: the purifier's inputs -> the classifier's outputs, its VERSION as CLASSIFIER_VERSION
               and the purifier's as PURIFIER_VERSION (the ensemble runs the newest version of each: a client that
-              pinned a pair checks these against it; the gateway does, service/app/triton/pool.py)
+              pinned a pair checks these against it; the gateway does, service/app/triton/pool.py), and the
+              purifier's CARD_SHA256 as PURIFIER_CARD_SHA256
 Votes travel in the channel dimension, not the batch one, so every step of the ensemble keeps the
 client's batch size B (Triton rejects inputs whose batch sizes differ) and max_batch_size counts images.
 """
@@ -33,12 +37,17 @@ import numpy as np
 
 PURIFIER_INPUTS = ("IMAGES", "SEED", "VOTES", "PROFILE")
 VERSION = "VERSION"  # every row's answering model version, an output of the purifier and the classifier
-PURIFIER_OUTPUTS = ("PURIFIED", VERSION)
+CARD_SHA256 = "CARD_SHA256"  # every row's card as checked at load (sha256 hex), an output of the purifier
+PURIFIER_OUTPUTS = ("PURIFIED", VERSION, CARD_SHA256)
+# outputs a model's config.pbtxt may leave out (written before them): the model then does not answer them
+OPTIONAL_OUTPUTS = (CARD_SHA256,)
 CLASSIFIER_INPUTS = ("IMAGES", "VOTES")
 CLASSIFIER_OUTPUTS = ("LOGITS", "PROBS", "LABEL", "AGREEMENT", VERSION)
 # the ensemble (purify_classify): the purifier's inputs; the classifier's outputs with VERSION renamed per step
 PURIFIER_VERSION, CLASSIFIER_VERSION = "PURIFIER_VERSION", "CLASSIFIER_VERSION"
-ENSEMBLE_OUTPUTS = tuple(o for o in CLASSIFIER_OUTPUTS if o != VERSION) + (PURIFIER_VERSION, CLASSIFIER_VERSION)
+PURIFIER_CARD_SHA256 = "PURIFIER_CARD_SHA256"  # the purifier's CARD_SHA256
+ENSEMBLE_OUTPUTS = tuple(o for o in CLASSIFIER_OUTPUTS if o != VERSION) + (PURIFIER_VERSION, CLASSIFIER_VERSION,
+                                                                             PURIFIER_CARD_SHA256)
 # certify (randomized smoothing, dbp.certify): per image a seed (required: an answer is reproducible) and the
 # request's n, sigma, alpha (the same for every image of a request) -> LABEL (-1 = abstain), RADIUS (l_2, pixels
 # in [0, 1]), P_LOWER (Clopper-Pearson lower bound of p_A), COUNT (c_A's count among n), COUNTS (per class),

@@ -117,6 +117,10 @@ class PurifierService:
                 card = None
             self.purifiers[name] = chains[name]
             self.profile_cards[name] = card
+        # served profile -> sha256 of the card bytes checked above ("" without a card check): what CARD_SHA256
+        # answers, never a re-read of a file that may have changed since (dbp.serving.triton_glue.with_card_sha256)
+        self.card_sha256 = {name: ((card or {}).get("gate_status") or {}).get("card_sha256") or ""
+                            for name, card in self.profile_cards.items()}
         # unseeded rows draw from one instance generator, seeded from the OS
         self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 

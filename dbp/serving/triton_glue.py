@@ -15,9 +15,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .contract import (CERTIFY_INPUTS, CERTIFY_OUTPUTS, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, PURIFIER_INPUTS,
-                       PURIFIER_OUTPUTS, VERSION, CertifySettings, ClassifierSettings, PurifierSettings, RequestError,
-                       parse_parameters)
+from .contract import (CARD_SHA256, CERTIFY_INPUTS, CERTIFY_OUTPUTS, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS,
+                       OPTIONAL_OUTPUTS, PURIFIER_INPUTS, PURIFIER_OUTPUTS, VERSION, CertifySettings,
+                       ClassifierSettings, PurifierSettings, RequestError, check_profile, parse_parameters)
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,13 @@ ROLES = {
 
 
 def output_dtypes(pb_utils, model_config: Mapping, names: Sequence[str]) -> dict[str, np.dtype]:
-    """{output name: numpy dtype} from the model config (TYPE_FP32 -> float32, ...); every name must be there."""
+    """{output name: numpy dtype} from the model config (TYPE_FP32 -> float32, ...); every name must be there but
+    OPTIONAL_OUTPUTS, left out of the result when the config does not declare them."""
     dtypes = {}
     for name in names:
         out = pb_utils.get_output_config_by_name(model_config, name)
+        if out is None and name in OPTIONAL_OUTPUTS:
+            continue
         if out is None:
             raise ValueError(f"config.pbtxt of {model_config.get('name')!r} has no output {name!r}")
         dtypes[name] = np.dtype(pb_utils.triton_string_to_numpy(out["data_type"]))
@@ -95,6 +98,22 @@ def with_version(service: Callable, version: int) -> Callable:
     return run
 
 
+def with_card_sha256(service: Callable, card_sha256: Mapping[str, str]) -> Callable:
+    """The purifier service, each answer with CARD_SHA256 [B, 1] = `card_sha256` of the request's profile (B: the
+    rows of its first output): the card the instance checked at load for the profile that served the rows. A request
+    whose PROFILE is invalid was answered with its error, so the profile is read only for answered ones."""
+    def run(requests):
+        out = []
+        for req, r in zip(requests, service(requests)):
+            if not isinstance(r, Exception):
+                rows = len(np.asarray(next(iter(r.values()))))
+                sha = card_sha256[check_profile(req.get("PROFILE"), rows, list(card_sha256))]
+                r = {**r, CARD_SHA256: np.full((rows, 1), sha.encode(), dtype=np.object_)}
+            out.append(r)
+        return out
+    return run
+
+
 class TritonPythonModel:
     """The purifier, the classifier or certify, by the model's name: its settings from config.pbtxt `parameters`, its
     service from the version dir (weights + card), its output dtypes from the config's `output` entries."""
@@ -117,6 +136,8 @@ class TritonPythonModel:
         # VERSION (the purifier's and the classifier's outputs): the version number of this instance, every row
         self.serve = (with_version(self.service, int(args["model_version"])) if VERSION in self.role.outputs
                       else self.service)
+        if CARD_SHA256 in self.dtypes:  # absent from a config.pbtxt written before it: not answered
+            self.serve = with_card_sha256(self.serve, self.service.card_sha256)
         pb_utils.Logger.log_info(f"{name} v{args['model_version']}: {settings}, input {self.service.chw}"
                                  f"{self.role.describe(self.service)}")
 

@@ -6,6 +6,10 @@ decision, never the card's own `gate.passed`: Triton loads a version only if its
 gate key and passes the pinned policy when recomputed from its evidence, or if the repository's legacy list
 names that exact card (dbp.repository.check_version). So a served version is "legacy" when the list names
 its card (sha256), "passed" when its card is signed (schema 3), and "unverified" otherwise.
+
+That reasoning holds only for the card the server checked, so a summary carries the sha256 of the bytes it was read
+from, and bind_summary compares it with the sha256 the purifier answers per row (CARD_SHA256, the card it checked at
+load): a card changed on disk since the load, or a gateway mount that differs from Triton's, has its figures withheld.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ CARDS_DIR = "cards"  # dbp.repository.CARDS_DIR: <version>/cards/<profile>.json,
 DEFAULT_PROFILE = "default"  # its card is CARD_FILE; a legacy entry without "profile" is its
 LEGACY_FILE = "legacy.json"  # dbp.repository.LEGACY_FILE; tests/service/test_gateway_units.py ties the two
 SIGNED_SCHEMA = "dbp.robustness_card/3"
+# the receipt's card binding (schemas.RobustnessSummary.card_binding); the gate status of a withheld summary
+VERIFIED, UNCHECKED, MISMATCH = "verified", "unchecked", "mismatch"
+CARD_MISMATCH = "card_mismatch"
 
 
 def _num(x: Any) -> Optional[float]:
@@ -109,7 +116,8 @@ class CardReader:
         try:
             raw = path.read_bytes()
             card = json.loads(raw)
-            summary = summarize(card, self._legacy(version, hashlib.sha256(raw).hexdigest(), profile)) \
+            sha = hashlib.sha256(raw).hexdigest()
+            summary = {**summarize(card, self._legacy(version, sha, profile)), "card_sha256": sha} \
                 if isinstance(card, dict) else None
         except (OSError, ValueError) as e:
             log.warning("cannot read %s: %s", path, e)
@@ -134,6 +142,28 @@ class CardReader:
             return path.stat().st_mtime
         except OSError:
             return 0.0
+
+
+def bind_summary(summary: Optional[dict], served: Optional[list[str]], rows: int
+                 ) -> tuple[Optional[dict], Optional[str], Optional[str]]:
+    """(the receipt's robustness summary, the server's card sha256, the binding) for `summary` (CardReader.summary,
+    None: no card read) and `served`, the sha256 the purifier answered on each of the `rows` rows (None: the model
+    does not report one, a config written before CARD_SHA256).
+
+    VERIFIED: every row names the card the summary was read from. UNCHECKED: nothing to compare with; the figures
+    stay, marked so. MISMATCH: the rows name another card, or not all the same one: the figures describe a card the
+    server never checked, so only the gate status CARD_MISMATCH and both shas remain. The server's sha is None
+    unless every row carries the same one. Without a summary nothing is shown, so there is nothing to bind (None)."""
+    shas = sorted(set(served)) if served is not None else []
+    server_sha = shas[0] if served is not None and len(served) == rows and len(shas) == 1 else None
+    if summary is None:
+        return None, server_sha, None
+    if served is None:
+        return {**summary, "card_binding": UNCHECKED}, None, UNCHECKED
+    if server_sha is not None and server_sha == summary.get("card_sha256"):
+        return {**summary, "card_binding": VERIFIED}, server_sha, VERIFIED
+    return ({"gate": CARD_MISMATCH, "card_binding": MISMATCH, "card_sha256": summary.get("card_sha256"),
+             "served_card_sha256": shas}, server_sha, MISMATCH)
 
 
 CERTIFY_CARD_FILE = "certify_card.json"  # dbp.repository.CERTIFY_CARD_FILE

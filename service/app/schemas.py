@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # a 1x1 black PNG: a valid image for examples and "try it out"
 TINY_PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==")
 SEED_MAX = 2**63 - 1
+CARD_SHA256_DOC = ("sha256 of the robustness card the server checked when it loaded the purifier version, for this "
+                   "profile, as the purifier answered it on every row (null when the served model does not report "
+                   "it, or its rows disagree); the robustness summary shows a card's figures only if it is that card")
 SEED_DOC = ("this image's seed (the request's seed + index, or drawn by the gateway), never the noise seed "
             "derived from it with the server secret; the same seed and image repeat the answer on this deployment")
 
@@ -76,8 +79,22 @@ class RobustnessSummary(BaseModel):
     gate: str = Field("unverified", description="the server's decision on this version's card: 'passed' (signed by "
                       "a trusted gate key, passes the pinned promotion policy recomputed from its per-image "
                       "evidence), 'legacy' (served under the repository's legacy list, failing the rules in "
-                      "failed_rules, until legacy_expires), 'unverified' (no card could be read)",
+                      "failed_rules, until legacy_expires), 'unverified' (no card could be read), 'card_mismatch' "
+                      "(the card the gateway read is not the one the server checked when it loaded the version, see "
+                      "card_binding: its figures are withheld)",
                       examples=["passed"])
+    card_binding: Optional[str] = Field(None, description="'verified': the server answered, on every row, the sha256 "
+                                        "of this very card (the one it checked at load), so the figures describe what "
+                                        "served the request; 'unchecked': the served model does not report which card "
+                                        "it checked (a model config older than CARD_SHA256), the figures are the "
+                                        "gateway's reading of the model repository; 'mismatch': it reported another "
+                                        "card, or not the same one on every row (the file changed after the load, or "
+                                        "the gateway reads another repository than Triton): gate is 'card_mismatch' "
+                                        "and only the two sha256 are given", examples=["verified"])
+    card_sha256: Optional[str] = Field(None, description="sha256 of the card file this summary was read from by the "
+                                       "gateway")
+    served_card_sha256: Optional[list[str]] = Field(None, description="card_mismatch only: the distinct sha256 the "
+                                                    "server answered for the rows (its card_sha256 when one)")
     failed_rules: Optional[list[str]] = Field(None, description="legacy versions: the rules their card fails")
     legacy_expires: Optional[str] = Field(None, examples=["2027-01-31"])
     legacy_approver: Optional[str] = None
@@ -118,6 +135,7 @@ class ClassifyResponse(BaseModel):
     robustness: Optional[RobustnessSummary] = Field(None, description="the robustness card of the deployed version "
                                                     "for this profile (null when the gateway has no model "
                                                     "repository to read)")
+    card_sha256: Optional[str] = Field(None, description=CARD_SHA256_DOC)
     votes: int = Field(..., examples=[1])
     predictions: list[Prediction]
     timings: Timings
@@ -139,6 +157,7 @@ class PurifyResponse(BaseModel):
     purification: Purification
     profile: ServingProfile
     robustness: Optional[RobustnessSummary] = None
+    card_sha256: Optional[str] = Field(None, description=CARD_SHA256_DOC)
     images: list[PurifiedImage]
     timings: Timings
 

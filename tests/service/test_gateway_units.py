@@ -118,9 +118,87 @@ def test_what_the_gateway_restates_of_dbp_is_the_same():
     assert (s.PURIFIER_MODEL, s.CLASSIFIER_MODEL) == tuple(repository.ROLES)
     assert (repository.default_repository() / s.ENSEMBLE_MODEL / repository.CONFIG_FILE).exists()
     assert (models.IMAGES, models.SEED, models.VOTES, models.PROFILE) == contract.PURIFIER_INPUTS
-    assert (models.PURIFIED, models.VERSION) == contract.PURIFIER_OUTPUTS and models.VERSION == contract.VERSION
+    assert (models.PURIFIED, models.VERSION, models.CARD_SHA256) == contract.PURIFIER_OUTPUTS
+    assert models.VERSION == contract.VERSION and models.CARD_SHA256 == contract.CARD_SHA256
+    assert models.PURIFIER_CARD_SHA256 == contract.PURIFIER_CARD_SHA256 in contract.ENSEMBLE_OUTPUTS
     assert (models.PURIFIER_VERSION, models.CLASSIFIER_VERSION) == (contract.PURIFIER_VERSION,
                                                                     contract.CLASSIFIER_VERSION)
     assert {models.PROBS, models.LABEL, models.AGREEMENT, models.PURIFIER_VERSION,
             models.CLASSIFIER_VERSION} <= set(contract.ENSEMBLE_OUTPUTS)
     assert {models.PROBS, models.LABEL, models.AGREEMENT} <= set(contract.CLASSIFIER_OUTPUTS)
+
+
+def _card_summary(tmp_path, text: str):
+    """CardReader's summary of a default card with this exact text, in a repository of its own."""
+    from service.app.cards import CardReader
+    path = tmp_path / "purifier" / "1" / "robustness_card.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return CardReader(tmp_path, "purifier").summary(1)
+
+
+def test_a_card_summary_names_the_sha256_of_the_bytes_it_read(tmp_path):
+    import hashlib
+    import json
+    card = {"schema": "dbp.robustness_card/2", "gate": {"passed": True}, "clean": {"purified": {"acc": 0.9}}}
+    for text in (json.dumps(card), json.dumps(card, indent=2)):  # the same card, other bytes, another sha
+        s = _card_summary(tmp_path, text)
+        assert s["card_sha256"] == hashlib.sha256(text.encode()).hexdigest() and s["clean_accuracy"] == 0.9
+
+
+def test_the_summary_is_shown_only_for_the_card_the_server_checked(tmp_path):
+    """cards.bind_summary, including what a real server cannot be made to answer: rows naming different cards, or
+    fewer shas than rows."""
+    from service.app.cards import bind_summary
+    from service.app.schemas import ClassifyResponse, RobustnessSummary
+    s = _card_summary(tmp_path, '{"schema": "dbp.robustness_card/2", "gate": {"passed": true}, "settings": []}')
+    mine, other = s["card_sha256"], "0" * 64
+    shown, served, binding = bind_summary(s, [mine] * 3, 3)
+    assert (binding, served, shown["card_binding"], shown["gate"]) == ("verified", mine, "verified", "unverified")
+    # a model config older than CARD_SHA256: nothing to compare, the figures stay and say so
+    shown, served, binding = bind_summary(s, None, 3)
+    assert (binding, served, shown["card_binding"]) == ("unchecked", None, "unchecked")
+    for rows, n, server_sha in (([other] * 2, 2, other), ([mine, other], 2, None), ([mine], 2, None)):
+        shown, served, binding = bind_summary(s, rows, n)
+        assert binding == "mismatch" and served == server_sha, rows
+        assert shown == {"gate": "card_mismatch", "card_binding": "mismatch", "card_sha256": mine,
+                         "served_card_sha256": sorted(set(rows))}
+        summary = RobustnessSummary.model_validate(shown)  # the receipt's schema takes it, with no figures
+        assert summary.settings == [] and summary.clean_accuracy is None
+    assert "card_mismatch" in ClassifyResponse.model_json_schema()["$defs"]["RobustnessSummary"]["properties"][
+        "gate"]["description"]
+    assert bind_summary(None, [other], 1) == (None, other, None)  # no card read: nothing shown, nothing to bind
+
+
+def test_a_mismatch_is_counted_and_logged(tmp_path, caplog):
+    import hashlib
+    from service.app.api.common import card_receipt
+    from service.app.cards import CardReader
+    from service.app.core.metrics import GatewayMetrics
+    from service.app.triton.pool import Outcome
+    text = '{"schema": "dbp.robustness_card/2", "gate": {"passed": true}, "data": {"n": 8}}'
+    _card_summary(tmp_path, text)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    p = pair_info(1, {"input": [{"name": "IMAGES", "dims": ["1", "32", "32"]}]}, {}, {}, meta("PURIFIED"),
+                  meta("PROBS", "LABEL"))
+    cards, metrics = CardReader(tmp_path, "purifier"), GatewayMetrics()
+
+    def count():
+        return metrics.registry.get_sample_value("dbp_gateway_card_mismatch_total", {"endpoint": "/purify"})
+    assert count() == 0
+    ok = card_receipt(cards, metrics, "/purify", Outcome(p, "u", {}, 0.0, card_sha256=[sha, sha]), "default", 2)
+    assert ok["card_sha256"] == sha and ok["robustness"]["n"] == 8 and count() == 0
+    with caplog.at_level("WARNING", logger="service.cards"):
+        bad = card_receipt(cards, metrics, "/purify", Outcome(p, "u", {}, 0.0, card_sha256=[sha, "f" * 64]),
+                           "default", 2)
+    assert bad["card_sha256"] is None and bad["robustness"]["gate"] == "card_mismatch" and count() == 1
+    assert "withheld" in caplog.text and "f" * 64 in caplog.text
+
+
+def test_the_gateway_learns_which_models_report_the_card_they_checked():
+    ens = {"parameters": {"image_shape": {"string_value": "1,32,32"}}}
+    both = pair_info(1, {}, {}, {**ens, "output": [{"name": "PURIFIER_CARD_SHA256"}]}, meta("PURIFIED", "CARD_SHA256"),
+                     meta("PROBS", "LABEL"))
+    assert both.card_reported == {"purifier", "ensemble"}
+    older = pair_info(1, {}, {}, ens, meta("PURIFIED", "VERSION"), meta("PROBS", "LABEL"))
+    assert older.card_reported == frozenset()

@@ -1,6 +1,7 @@
 """dbp.serving.services in-process: real tiny models in a temporary repository, no Triton server."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from dbp import repository
+from dbp.serving import triton_glue
 from dbp.serving.contract import RequestError
 from dbp.serving.services import ClassifierService
 from helpers import load_services
@@ -60,3 +62,21 @@ def test_version_without_passing_card_is_refused(repo, tmp_path):
     (v / repository.CARD_FILE).unlink()
     with pytest.raises(ValueError, match="no robustness card"):
         ClassifierService(v)
+
+
+def test_card_sha256_is_of_the_card_checked_at_load(repo, services):
+    """What the purifier answers as CARD_SHA256 is the card it checked when it loaded, not what the file holds
+    later: the same card re-serialised on disk changes nothing in the answer."""
+    pur, _ = services
+    path = repository.card_path(repository.version_dir(repo, "purifier", 1))
+    raw = path.read_bytes()
+    serve = triton_glue.with_card_sha256(pur, pur.card_sha256)
+    x = np.random.default_rng(2).random((2, 1, 32, 32), dtype=np.float32)
+    try:
+        path.write_text(json.dumps(json.loads(raw), indent=3))
+        assert path.read_bytes() != raw
+        out = serve([{"IMAGES": x}])[0]
+    finally:
+        path.write_bytes(raw)
+    assert pur.card_sha256 == {"default": hashlib.sha256(raw).hexdigest()}
+    assert out["CARD_SHA256"].tolist() == [[hashlib.sha256(raw).hexdigest().encode()]] * 2

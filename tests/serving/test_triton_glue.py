@@ -44,7 +44,12 @@ def test_output_dtypes_come_from_the_model_config():
     assert triton_glue.output_dtypes(pb, model_config("classifier"), contract.CLASSIFIER_OUTPUTS) == {
         "LOGITS": np.float32, "PROBS": np.float32, "LABEL": np.int64, "AGREEMENT": np.float32, "VERSION": np.int64}
     assert triton_glue.output_dtypes(pb, model_config("purifier"), contract.PURIFIER_OUTPUTS) == {
-        "PURIFIED": np.float32, "VERSION": np.int64}
+        "PURIFIED": np.float32, "VERSION": np.int64, "CARD_SHA256": np.object_}
+    # a purifier config written before CARD_SHA256 still loads, and its model then does not answer it
+    older = model_config("purifier")
+    older["output"] = [o for o in older["output"] if o["name"] != contract.CARD_SHA256]
+    assert triton_glue.output_dtypes(pb, older, contract.PURIFIER_OUTPUTS) == {"PURIFIED": np.float32,
+                                                                                "VERSION": np.int64}
     config = model_config("classifier")
     config["output"][3]["data_type"] = "TYPE_FP64"
     assert triton_glue.output_dtypes(pb, config, contract.CLASSIFIER_OUTPUTS)["AGREEMENT"] == np.float64
@@ -101,4 +106,21 @@ def test_with_version_adds_the_instance_version_to_every_answer():
     good, err, purified = serve([{}, {}, {}])
     assert good["VERSION"].tolist() == [[7], [7], [7]] and good["VERSION"].dtype == np.int64
     assert set(good) == set(contract.CLASSIFIER_OUTPUTS) and err is bad
-    assert purified["VERSION"].tolist() == [[7], [7]] and set(purified) == set(contract.PURIFIER_OUTPUTS)
+    assert purified["VERSION"].tolist() == [[7], [7]] and set(purified) == {"PURIFIED", "VERSION"}
+
+
+def test_with_card_sha256_answers_the_card_of_each_requests_profile():
+    """CARD_SHA256 [B, 1] = the sha the service recorded at load for the profile the request named (absent:
+    "default"); errors pass through untouched and a bad PROFILE never reaches the lookup."""
+    shas = {"default": "a" * 64, "fast": "b" * 64}
+    bad = contract.RequestError("bad")
+
+    def service(reqs):
+        return [bad if r.get("bad") else {"PURIFIED": np.zeros((len(r["IMAGES"]), 2, 4, 4), np.float32)}
+                for r in reqs]
+    serve = triton_glue.with_card_sha256(triton_glue.with_version(service, 3), shas)
+    plain, fast, err = serve([{"IMAGES": [0, 0]}, {"IMAGES": [0], "PROFILE": np.array([[b"fast"]], np.object_)},
+                              {"IMAGES": [0], "PROFILE": np.array([[b"nope"]], np.object_), "bad": True}])
+    assert plain["CARD_SHA256"].tolist() == [[b"a" * 64]] * 2 and plain["CARD_SHA256"].dtype == np.object_
+    assert fast["CARD_SHA256"].tolist() == [[b"b" * 64]] and fast["VERSION"].tolist() == [[3]]
+    assert set(plain) == set(contract.PURIFIER_OUTPUTS) and err is bad

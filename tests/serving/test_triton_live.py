@@ -6,6 +6,7 @@ checkpoints; the committed repository is never touched. In-process counterparts:
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from helpers import Client, images, running_triton, seeds, served_purification, votes, write_card
-from dbp import publish
+from dbp import publish, repository
 from dbp.serving.contract import CLASSIFIER_OUTPUTS, ENSEMBLE_OUTPUTS, PURIFIER_OUTPUTS
 
 pytest.importorskip("tritonclient.http")
@@ -49,7 +50,7 @@ def test_server_loads_all_models(server, http):
 
 
 @pytest.mark.parametrize("proto", ["http", "grpc"])
-def test_infer_all_three_models(server, services, proto):
+def test_infer_all_three_models(server, services, proto, repo):
     pur, cls = services
     c = Client(server, proto)
     try:
@@ -59,6 +60,9 @@ def test_infer_all_three_models(server, services, proto):
         # every model answers which version computed each row (INT64 [B, 1])
         assert set(pout) == set(PURIFIER_OUTPUTS) and pout["VERSION"].dtype == np.int64
         assert pout["VERSION"].tolist() == [[1]] * 3
+        # and which card it checked at load: the sha256 of the card file's bytes, on every row, also via the ensemble
+        card_sha = hashlib.sha256(repository.card_path(repository.version_dir(repo, "purifier", 1)).read_bytes())
+        assert pout["CARD_SHA256"].tolist() == [[card_sha.hexdigest().encode()]] * 3
         assert p.shape == x.shape and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
         # the server runs exactly the in-process computation (same noise from the same seeds)
         np.testing.assert_allclose(p, pur([{"IMAGES": x, "SEED": seeds(1, 2, 3)}])[0]["PURIFIED"], atol=1e-5)
@@ -74,6 +78,7 @@ def test_infer_all_three_models(server, services, proto):
         ens = c.infer("purify_classify", IMAGES=x, SEED=seeds(1, 2, 3))
         assert set(ens) == set(ENSEMBLE_OUTPUTS)
         assert ens["PURIFIER_VERSION"].tolist() == ens["CLASSIFIER_VERSION"].tolist() == [[1]] * 3
+        assert ens["PURIFIER_CARD_SHA256"].tolist() == pout["CARD_SHA256"].tolist()
         np.testing.assert_allclose(ens["LOGITS"], out["LOGITS"], atol=1e-4)  # purifier then classifier
         assert np.all(ens["AGREEMENT"] == 1)
     finally:

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI reads the dependency's ann
 documentation of `seed` is built from the deployment's settings inside `image_options`.
 """
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional
@@ -12,14 +13,17 @@ import numpy as np
 from fastapi import Query, Response
 from pydantic import BaseModel
 
-from ..cards import CardReader
+from ..cards import MISMATCH, CardReader, bind_summary
 from ..core.config import ENV_PREFIX, Settings
 from ..core.errors import ApiError
+from ..core.metrics import GatewayMetrics
 from ..core.seeds import SeedPolicy
 from ..images import Decoded
 from ..schemas import SEED_MAX
 from ..triton.models import DEFAULT_PROFILE, IMAGES, PROFILE, SEED, VOTES, PairInfo
-from ..triton.pool import TritonPool
+from ..triton.pool import Outcome, TritonPool
+
+log = logging.getLogger("service.cards")
 
 PROBLEM_CODES = (400, 401, 413, 415, 422, 429, 502, 503, 504)
 ERROR_TEXT = {
@@ -142,8 +146,17 @@ def model_info(settings: Settings, pair: PairInfo, with_classifier: bool) -> dic
             "class_names": list(pair.class_names) if pair.class_names else None}
 
 
-def robustness(cards: CardReader, pair: PairInfo, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
-    return cards.summary(pair.version, profile)
+def card_receipt(cards: CardReader, metrics: GatewayMetrics, endpoint: str, out: Outcome, profile: str,
+                 rows: int) -> dict:
+    """The receipt's `robustness` and `card_sha256`: the summary of the profile's card as the gateway reads it, shown
+    only if it is the card the server checked at load (cards.bind_summary); a mismatch is counted and logged."""
+    summary, served, binding = bind_summary(cards.summary(out.pair.version, profile), out.card_sha256, rows)
+    if binding == MISMATCH:
+        metrics.card_mismatch.labels(endpoint).inc()
+        log.warning("%s: the card of purifier %d profile %r that the gateway read (sha256 %s) is not the one Triton "
+                    "checked at load (%s): its figures are withheld from the receipt", endpoint, out.pair.version,
+                    profile, summary["card_sha256"], ", ".join(summary["served_card_sha256"]) or "none")
+    return {"robustness": summary, "card_sha256": served}
 
 
 def timings(t0: float, triton_s: float, decode_s: float) -> dict:

@@ -19,6 +19,7 @@ AGREEMENT_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .9, .99, 1.0)
 # the pinned calls then give the request its own answer or error
 FALLBACK_REASONS = ("not_newest", "no_ensemble", "no_version_outputs", "version_mismatch", "ensemble_error",
                     "rejected")
+CARD_ENDPOINTS = ("/classify", "/purify")  # the receipts that name the purifier's robustness card
 ENDPOINTS = ("/classify", "/purify", "/certify", "/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
 
 
@@ -57,6 +58,11 @@ class GatewayMetrics:
                                           "ensemble, by reason", ["reason"], registry=r)
         for reason in FALLBACK_REASONS:
             self.classify_fallbacks.labels(reason)  # every reason visible at 0
+        self.card_mismatch = Counter("dbp_gateway_card_mismatch_total", "Receipts whose robustness card was withheld: "
+                                     "the card the gateway read is not the one the server checked at load (changed "
+                                     "on disk, or another mount), by endpoint", ["endpoint"], registry=r)
+        for endpoint in CARD_ENDPOINTS:
+            self.card_mismatch.labels(endpoint)
         self._pairs: set[tuple[str, str, str]] = set()
 
     def set_pairs(self, pairs: set[tuple[str, str, str]]) -> None:

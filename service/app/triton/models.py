@@ -24,6 +24,9 @@ PROBS, LABEL, AGREEMENT = "PROBS", "LABEL", "AGREEMENT"
 # every row's answering version (dbp.serving.contract.VERSION): an output of the purifier and the classifier, renamed
 # per step by the ensemble
 VERSION, PURIFIER_VERSION, CLASSIFIER_VERSION = "VERSION", "PURIFIER_VERSION", "CLASSIFIER_VERSION"
+# every row's card as the purifier checked it at load (dbp.serving.contract.CARD_SHA256), renamed by the ensemble;
+# optional: a model config written before them does not declare them (the receipt's card is then unchecked)
+CARD_SHA256, PURIFIER_CARD_SHA256 = "CARD_SHA256", "PURIFIER_CARD_SHA256"
 # the certify model (dbp.serving.contract.CERTIFY_INPUTS / CERTIFY_OUTPUTS)
 N, SIGMA, ALPHA = "N", "SIGMA", "ALPHA"
 RADIUS, P_LOWER, COUNT, COUNTS, SECONDS = "RADIUS", "P_LOWER", "COUNT", "COUNTS", "SECONDS"
@@ -54,6 +57,9 @@ class PairInfo:
     profiles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # which of "purifier", "classifier" answer VERSION (their metadata's outputs): checked on the pinned calls
     versioned: frozenset = frozenset()
+    # which of "purifier" (CARD_SHA256 in its metadata), "ensemble" (PURIFIER_CARD_SHA256 in its config) answer the
+    # sha256 of the card the server checked at load: requested on the calls that touch the purifier
+    card_reported: frozenset = frozenset()
 
     @property
     def purification(self) -> dict[str, Any]:
@@ -177,10 +183,14 @@ def pair_info(version: int, purifier_cfg: Mapping[str, Any], classifier_cfg: Map
             raise InterfaceError(f"tensor {name} is missing from the model metadata")
     versioned = frozenset(role for role, meta in (("purifier", purifier_meta), ("classifier", classifier_meta))
                           if any(t.get("name") == VERSION for t in meta.get("outputs") or []))
+    declared = {"purifier": {t.get("name") for t in purifier_meta.get("outputs") or []},
+                "ensemble": {t.get("name") for t in ensemble_cfg.get("output") or []}}
+    card_reported = frozenset(role for role, name in (("purifier", CARD_SHA256), ("ensemble", PURIFIER_CARD_SHA256))
+                              if name in declared[role])
     return PairInfo(version=version, channels=c, height=h, width=w, class_names=names, t_star=_int(pp, "t_star"), sampler=pp.get("sampler"),
                     num_inference_steps=_int(pp, "num_inference_steps"), max_votes=min(votes) if votes else 1,
                     max_batch=min(batches) if batches else 1, dtypes=dtypes, profiles=profiles(purifier_cfg),
-                    versioned=versioned)
+                    versioned=versioned, card_reported=card_reported)
 
 
 def newest_pair(index: list[Mapping[str, Any]], purifier: str, classifier: str) -> Optional[int]:

@@ -13,6 +13,10 @@ otherwise, or if the ensemble fails, the request takes the two pinned calls, pur
 dbp_gateway_classify_fallbacks_total counts it by reason ("rejected": the ensemble refused the request as
 INVALID_ARGUMENT, usually the client's own fault, which the pinned calls then report precisely). Either way the
 answer comes from the pair whose card the receipt names.
+
+Both paths also ask for the sha256 of the card the purifier checked at load (CARD_SHA256, the ensemble's
+PURIFIER_CARD_SHA256) when the model declares it, and hand it over per row (Outcome.card_sha256) so the receipt shows a
+card's figures only if they are of that card (service/app/cards.py bind_summary).
 """
 from __future__ import annotations
 
@@ -31,9 +35,9 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from ..core.config import Settings
 from ..core.errors import ApiError
 from ..core.metrics import GatewayMetrics
-from .models import (AGREEMENT, CERTIFY_OUTPUTS, CLASSIFIER_VERSION, IMAGES, LABEL, PROBS, PURIFIED, PURIFIER_VERSION,
-                     SEED, VERSION, VOTES, CertifyInfo, InterfaceError, PairInfo, certify_info, newest_pair,
-                     newest_ready, one_call_blocker, pair_info, ready_state)
+from .models import (AGREEMENT, CARD_SHA256, CERTIFY_OUTPUTS, CLASSIFIER_VERSION, IMAGES, LABEL, PROBS, PURIFIED,
+                     PURIFIER_CARD_SHA256, PURIFIER_VERSION, SEED, VERSION, VOTES, CertifyInfo, InterfaceError,
+                     PairInfo, certify_info, newest_pair, newest_ready, one_call_blocker, pair_info, ready_state)
 
 log = logging.getLogger("service.triton")
 MAX_MESSAGE = 2**31 - 1
@@ -70,6 +74,8 @@ class Outcome:
     outputs: dict[str, np.ndarray]
     triton_s: float
     certify: Optional[CertifyInfo] = None
+    # per row, the sha256 of the card the purifier checked at load; None: the model does not report it (unchecked)
+    card_sha256: Optional[list[str]] = None
 
 
 class TritonAnswerError(ApiError):
@@ -79,6 +85,12 @@ class TritonAnswerError(ApiError):
 
 def _status(e: InferenceServerException) -> str:
     return str(e.status() or "")
+
+
+def _card_rows(a: Optional[np.ndarray]) -> Optional[list[str]]:
+    if a is None:
+        return None
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(a).reshape(-1)]
 
 
 class TritonPool:
@@ -267,9 +279,10 @@ class TritonPool:
         """/classify as one call to the ensemble: (its outputs, "") if every row came from the pinned pair, else
         (None, why not). A timeout is the request's (504); any other failure leaves it to the pinned calls, whose
         answer, or error, is the pair's own."""
+        card = [PURIFIER_CARD_SHA256] if "ensemble" in pair.card_reported else []
         try:
             out = await self._call(b, self.settings.ENSEMBLE_MODEL, None, inputs,
-                                   [PROBS, LABEL, AGREEMENT, PURIFIER_VERSION, CLASSIFIER_VERSION], deadline)
+                                   [PROBS, LABEL, AGREEMENT, PURIFIER_VERSION, CLASSIFIER_VERSION] + card, deadline)
         except InferenceServerException as e:
             status, msg = _status(e), e.message() or str(e)
             if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
@@ -316,10 +329,13 @@ class TritonPool:
                         one, why = await self._one_call(b, pair, inputs, len(feeds[IMAGES]), deadline)
                         if one is not None:
                             outcome = "ok"
-                            return Outcome(pair, b.url, one, time.monotonic() - t0)
+                            return Outcome(pair, b.url, one, time.monotonic() - t0,
+                                           card_sha256=_card_rows(one.pop(PURIFIER_CARD_SHA256, None)))
                     self.metrics.classify_fallbacks.labels(why).inc()
-                out = await self._pinned(b, self.settings.PURIFIER_MODEL, pair, "purifier", inputs, [PURIFIED],
-                                         deadline)
+                card = [CARD_SHA256] if "purifier" in pair.card_reported else []
+                out = await self._pinned(b, self.settings.PURIFIER_MODEL, pair, "purifier", inputs,
+                                         [PURIFIED] + card, deadline)
+                card_rows = _card_rows(out.pop(CARD_SHA256, None))
                 if kind == "classify":
                     cin = [self._input(pair, IMAGES, out[PURIFIED])]
                     if votes > 1:
@@ -327,7 +343,7 @@ class TritonPool:
                     out.update(await self._pinned(b, self.settings.CLASSIFIER_MODEL, pair, "classifier", cin,
                                                   [PROBS, LABEL, AGREEMENT], deadline))
                 outcome = "ok"
-                return Outcome(pair, b.url, out, time.monotonic() - t0)
+                return Outcome(pair, b.url, out, time.monotonic() - t0, card_sha256=card_rows)
             except asyncio.TimeoutError:
                 outcome = "timeout"
                 raise ApiError(504, "timeout", f"Triton did not answer within the request timeout of "

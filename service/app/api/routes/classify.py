@@ -9,9 +9,9 @@ from fastapi.responses import Response
 from ...core.config import Settings
 from ...schemas import ClassifyResponse
 from ...triton.models import AGREEMENT, LABEL, PROBS
-from ..common import (PROFILE_DOC, ImageOptions, builder, check_profile, check_seed_allowed, current_pair,
-                      image_options, json_response, model_info, problem_responses, profile_receipt, request_seeds,
-                      robustness, timings, version_headers)
+from ..common import (PROFILE_DOC, ImageOptions, builder, card_receipt, check_profile, check_seed_allowed,
+                      current_pair, image_options, json_response, model_info, problem_responses, profile_receipt,
+                      request_seeds, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi
 
@@ -59,7 +59,8 @@ def router(settings: Settings) -> APIRouter:
         t = timings(t0, out.triton_s, decode_s)
         body = ClassifyResponse.model_validate({
             "model": model_info(cfg, pair, True), "purification": pair.purification_for(profile),
-            "profile": profile_receipt(pair, profile), "robustness": robustness(cards, pair, profile),
+            "profile": profile_receipt(pair, profile), **card_receipt(cards, metrics, "/classify", out, profile,
+                                                                     len(images)),
             "votes": votes, "predictions": preds, "timings": t})
         return json_response(body, version_headers(pair, True, t))
 

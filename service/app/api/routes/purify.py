@@ -12,9 +12,9 @@ from ...core.errors import ApiError
 from ...images import to_png
 from ...schemas import PurifyResponse
 from ...triton.models import PURIFIED
-from ..common import (PROFILE_DOC, ImageOptions, builder, check_profile, check_seed_allowed, current_pair,
-                      image_options, json_response, model_info, problem_responses, profile_receipt, request_seeds,
-                      robustness, timings, version_headers)
+from ..common import (PROFILE_DOC, ImageOptions, builder, card_receipt, check_profile, check_seed_allowed,
+                      current_pair, image_options, json_response, model_info, problem_responses, profile_receipt,
+                      request_seeds, timings, version_headers)
 from ..deps import CardsDep, MetricsDep, PoolDep, SeedPolicyDep, SettingsDep, auth_dependencies
 from ..uploads import read_images, request_body_openapi, run_sized
 
@@ -63,6 +63,8 @@ def router(settings: Settings) -> APIRouter:
         pngs = await run_sized(int(purified[0].size) * len(purified), lambda: [to_png(p) for p in purified])
         metrics.triton_duration.labels("/purify").observe(out.triton_s)
         metrics.images.labels("/purify").observe(len(images))
+        # also for a PNG answer, which carries no receipt: a mismatch is an operator's concern either way
+        card = card_receipt(cards, metrics, "/purify", out, profile, len(images))
         t = timings(t0, out.triton_s, decode_s)
         headers = version_headers(pair, False, t)
         if not as_json:
@@ -78,7 +80,7 @@ def router(settings: Settings) -> APIRouter:
         mode = {1: "L", 3: "RGB"}.get(pair.channels, "?")
         body = PurifyResponse.model_validate({
             "model": model_info(cfg, pair, False), "purification": pair.purification_for(profile),
-            "profile": profile_receipt(pair, profile), "robustness": robustness(cards, pair, profile), "timings": t,
+            "profile": profile_receipt(pair, profile), **card, "timings": t,
             "images": [{"index": i, "seed": seeds[i], "width": pair.width, "height": pair.height, "mode": mode,
                         "png_base64": base64.b64encode(png).decode(), "input": d.info}
                        for i, (d, png) in enumerate(zip(images, pngs))]})
