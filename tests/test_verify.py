@@ -152,3 +152,164 @@ def test_verify_refuses_a_version_whose_declared_profile_the_server_cannot_load(
     assert verify.main([str(v1), "--profile", "fast"]) == 1  # fast's card passes, but the version does not load
     assert "profile odd: " in _lines(capsys.readouterr().out, "REFUSED")[0]
     assert verify.main([str(repo)]) == 1
+
+
+# ---- receipts: a saved /classify or /purify response, bound to the repository's card by its sha256 ---------------
+
+def _receipt(repo, version: int, profile: str = "default", served="card") -> dict:
+    """A /purify response as the gateway builds it: the summary its CardReader reads from `repo`, bound by
+    bind_summary to `served`, the sha256 the purifier answered ("card": the sha of the card on disk, i.e. what
+    Triton checked; None: a server older than CARD_SHA256), through the response schema and JSON."""
+    from service.app.cards import CardReader, bind_summary
+    from service.app.schemas import PurifyResponse
+
+    summary = CardReader(repo, "purifier").summary(version, profile)
+    sha = summary["card_sha256"] if served == "card" else served
+    robustness, card_sha256, _ = bind_summary(summary, None if sha is None else [sha], 1)
+    body = PurifyResponse(
+        model={"name": "purifier", "purifier_version": version, "input_shape": [1, 32, 32]},
+        purification={}, profile={"name": profile, "settings": {}}, robustness=robustness, card_sha256=card_sha256,
+        images=[], timings={"total_ms": 1.0, "triton_ms": 1.0, "decode_ms": 0.1})
+    return json.loads(body.model_dump_json())
+
+
+def _verify_receipt(tmp_path, repo, receipt) -> int:
+    f = tmp_path / "receipt.json"
+    f.write_text(json.dumps(receipt) if not isinstance(receipt, str) else receipt)
+    return verify.main([str(repo), "--receipt", str(f)])
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_receipt_of_a_passing_version_passes_and_one_with_other_figures_fails(tmp_path, capsys,
+                                                                               tiny_diffusion_ckpt,
+                                                                               tiny_classifier_ckpt):
+    repo = export_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    card = repository.card_path(repo / "purifier" / "1")
+    receipt = _receipt(repo, 1)
+    assert receipt["card_sha256"] == _sha(card) and receipt["robustness"]["card_binding"] == "verified"
+    capsys.readouterr()
+    assert _verify_receipt(tmp_path, repo, receipt) == 0
+    out = capsys.readouterr().out
+    assert f"BOUND    receipt {tmp_path / 'receipt.json'}" in out and f"card sha256 {_sha(card)} is {card}" in out
+    assert f"PASSED   {repo / 'purifier' / '1'}: card sha256 {_sha(card)}; " in out  # the version's own line
+    assert "FIGURES  equal" in out and out.splitlines()[-1].startswith("PASSED   receipt ")
+
+    nicer = json.loads(json.dumps(receipt))
+    nicer["robustness"]["settings"][0]["robust_accuracy"] = 0.99  # the card's sha, another figure
+    assert _verify_receipt(tmp_path, repo, nicer) == 1
+    out = capsys.readouterr().out
+    assert "FIGURES  differ" in out and f"{receipt['robustness']['settings'][0]['setting']} robust accuracy 0.99" in out
+    assert out.splitlines()[-1].endswith("its robustness figures are not the card's")
+    nicer = json.loads(json.dumps(receipt))
+    nicer["robustness"]["clean_accuracy"] = 1.0
+    assert _verify_receipt(tmp_path, repo, nicer) == 1
+    assert "clean accuracy 1.0 on the receipt" in capsys.readouterr().out
+
+    # the gateway read another card than the one Triton checked: the figures are withheld, the receipt still names
+    # the card that served it, and that card is checked
+    withheld = _receipt(repo, 1, served="f" * 64)
+    withheld["card_sha256"] = _sha(card)
+    assert withheld["robustness"]["gate"] == "card_mismatch"
+    assert _verify_receipt(tmp_path, repo, withheld) == 0
+    assert "FIGURES  none on the receipt" in capsys.readouterr().out
+
+    monkey = tmp_path / "stdin.json"
+    monkey.write_text(json.dumps(receipt))
+    import sys
+
+    with monkey.open() as stdin:
+        saved, sys.stdin = sys.stdin, stdin
+        try:
+            assert verify.main([str(repo), "--receipt", "-"]) == 0
+        finally:
+            sys.stdin = saved
+    assert "PASSED   receipt -" in capsys.readouterr().out
+
+
+def test_a_receipt_of_the_committed_card_is_bound_and_reported_legacy(tmp_path, capsys):
+    v2 = _committed_purifier_v2(tmp_path)
+    repo = v2.parent.parent
+    fast = repository.card_path(v2, "fast")
+    receipt = _receipt(repo, 2, "fast")
+    assert receipt["card_sha256"] == _sha(fast)
+    assert _verify_receipt(tmp_path, repo, receipt) == 1  # bound, figures equal, but the card is legacy
+    out = capsys.readouterr().out
+    assert f"card sha256 {_sha(fast)} is {fast}" in out
+    assert _lines(out, "LEGACY")[0].startswith(f"LEGACY   {v2} profile fast: card sha256 {_sha(fast)}; ")
+    assert "FIGURES  equal to the card's: clean accuracy and 6 settings" in out
+    assert out.splitlines()[-1].endswith("the check of its card above says legacy, not passed")
+
+
+def test_a_receipt_naming_another_card_fails_naming_both(tmp_path, capsys):
+    v2 = _committed_purifier_v2(tmp_path)
+    repo = v2.parent.parent
+    other = _receipt(repo, 2, "default")
+    other["card_sha256"] = _sha(repository.card_path(v2, "fast"))  # the fast card's sha on a default receipt
+    assert _verify_receipt(tmp_path, repo, other) == 1
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and out.startswith("FAILED   receipt ")
+    assert f"it names card sha256 {other['card_sha256']}" in out
+    assert f"has sha256 {_sha(repository.card_path(v2))}" in out
+
+
+def test_a_receipt_without_card_sha256_cannot_be_bound(tmp_path, capsys):
+    v2 = _committed_purifier_v2(tmp_path)
+    repo = v2.parent.parent
+    old = _receipt(repo, 2, served=None)  # a model config older than CARD_SHA256: unchecked, card_sha256 null
+    assert old["card_sha256"] is None and old["robustness"]["card_binding"] == "unchecked"
+    assert _verify_receipt(tmp_path, repo, old) == 1
+    assert "cannot be bound to a card" in capsys.readouterr().out
+    del old["card_sha256"]  # a server older than the field
+    assert _verify_receipt(tmp_path, repo, old) == 1
+    assert "cannot be bound to a card" in capsys.readouterr().out
+
+
+def test_a_receipt_of_a_version_or_profile_the_repository_lacks_fails(tmp_path, capsys):
+    v2 = _committed_purifier_v2(tmp_path)
+    repo = v2.parent.parent
+    receipt = _receipt(repo, 2, "fast")
+    assert _verify_receipt(tmp_path, repo, {**receipt, "model": {**receipt["model"], "purifier_version": 7}}) == 1
+    assert "has no purifier version 7 (it has: 2)" in capsys.readouterr().out
+    assert _verify_receipt(tmp_path, repo, {**receipt, "profile": {"name": "turbo", "settings": {}}}) == 1
+    assert "declares no serving profile 'turbo'" in capsys.readouterr().out
+    repository.card_path(v2, "fast").unlink()
+    assert _verify_receipt(tmp_path, repo, receipt) == 1
+    assert "has no card for profile 'fast'" in capsys.readouterr().out
+
+
+def test_a_malformed_receipt_is_a_cli_error(tmp_path, capsys):
+    v2 = _committed_purifier_v2(tmp_path)
+    repo = v2.parent.parent
+    receipt = _receipt(repo, 2, "fast")
+    for bad, says in [("{not json", "receipt"), ("[1, 2]", "a receipt is a JSON object"),
+                      ({**receipt, "model": {"name": "purifier"}}, "model.purifier_version"),
+                      ({**receipt, "profile": {"name": "../../etc"}}, "profile.name"),
+                      ({**receipt, "card_sha256": "abc"}, "card_sha256: expected 64"),
+                      ({**receipt, "robustness": [1]}, "robustness: expected an object")]:
+        assert _verify_receipt(tmp_path, repo, bad) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("error: receipt ") and says in err, (bad, err)
+    assert verify.main([str(repo), "--receipt", str(tmp_path / "missing.json")]) == 2
+    assert verify.main([str(repo), "--receipt", str(tmp_path / "receipt.json"), "--profile", "fast"]) == 2
+
+
+def test_the_figures_a_receipt_is_checked_against_are_the_ones_the_gateway_shows():
+    """dbp.repository.shown_figures reads a card as service/app/cards.py summarize does (the gateway imports no
+    dbp): on every committed card, the same clean accuracy and (setting, robust accuracy) rows in the same order."""
+    from service.app.cards import summarize
+
+    cards = sorted(MODEL_REPOSITORY.glob("purifier/*/robustness_card.json")) + \
+        sorted(MODEL_REPOSITORY.glob("purifier/*/cards/*.json"))
+    assert len(cards) >= 3
+    for f in cards:
+        card = json.loads(f.read_text())
+        shown = summarize(card)
+        assert repository.shown_figures(card) == {
+            "clean_accuracy": shown["clean_accuracy"],
+            "settings": [[s["setting"], s["robust_accuracy"]] for s in shown["settings"]]}, f
+        assert repository.receipt_figure_differences(shown, card) == []

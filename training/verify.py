@@ -5,6 +5,13 @@ card's per-image evidence under the pinned policy (what the server does before l
   python -m training.verify model_repository/purifier/3 --profile fast  # one serving profile's card
   python -m training.verify model_repository                            # every version of every model
   python -m training.verify --card runs/gate/addt/card.json             # a card alone (signature + verdict)
+  python -m training.verify model_repository --receipt receipt.json     # a saved /classify or /purify response
+
+With --receipt (a file, or - for stdin) the version, serving profile and card_sha256 come from the receipt: the
+repository's card for that version and profile must be the very card the receipt names (sha256), it gets the same
+check as a version's profile, and the receipt's robustness figures must be the card's (dbp.repository
+read_receipt, receipt_card, receipt_figure_differences). A receipt without card_sha256 (an older server) cannot
+be bound to a card and fails; so does one naming another card, or a version or profile the repository lacks.
 
 For a purifier version, every serving profile its config.pbtxt declares is checked, each with the card the server
 would serve it with (dbp.repository.card_path: robustness_card.json for "default", cards/<profile>.json else) under
@@ -14,16 +21,18 @@ weights or settings) or NOT SERVED (a declared profile without a card: a valid s
 without it). Every declared profile's settings are checked as the server loads them (dbp.diffusion's
 Diffusion.check_settings, through Purifier): one it refuses (e.g. a t_star off the num_inference_steps grid) and
 the whole version is REFUSED, naming the profile, since the server does not load it at all. Prints each rule with
-its figure and the diagnostics.
+its figure and the diagnostics, and the sha256 of each card it read (what a receipt's card_sha256 names).
 
 Exit 0: every version named passes (legacy versions are reported as legacy and exit 1); 1: some card is refused
 or legacy, or a version does not load (a profile without a card is no failure by itself; a version without its
 default card, or with a declared profile's settings dbp.diffusion refuses, is refused); 2:
-bad input (an undeclared --profile among them).
+bad input (an undeclared --profile among them, a malformed receipt).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -88,14 +97,24 @@ def check_profile(vdir: Path, role: str, profile: str = repository.DEFAULT_PROFI
         checked = repository.check_version(vdir, role, profile=profile)
     except repository.RepositoryError as e:
         missing = profile != repository.DEFAULT_PROFILE and "card" in row and not Path(row["card"]).exists()
+        if "card" in row and not missing:
+            row["card_sha256"] = file_sha256(Path(row["card"]))
         return {**row, "status": NOT_SERVED if missing else REFUSED, "ok": missing, "detail": str(e)}
     status = checked["gate_status"]
-    row.update(status=status["status"], ok=status["status"] == PASSED, detail=status.get("detail", ""))
+    row.update(status=status["status"], ok=status["status"] == PASSED, detail=status.get("detail", ""),
+               card_sha256=status.get("card_sha256"))  # of the bytes check_version checked, not a second read
     if status["status"] == LEGACY:
         row.update({k: status[k] for k in ("failed_rules", "approver", "expires")})
     else:
         row["summary"] = summary_lines(evaluate(checked))
     return row
+
+
+def file_sha256(path: Path) -> Optional[str]:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def check_version(vdir: Path, role: str, profile: Optional[str] = None) -> list[dict[str, Any]]:
@@ -124,7 +143,8 @@ def check_version(vdir: Path, role: str, profile: Optional[str] = None) -> list[
 def print_row(row: dict[str, Any]) -> None:
     vdir, profile = row["version"], row["profile"]
     where = vdir if profile == repository.DEFAULT_PROFILE else f"{vdir} profile {profile}"
-    print(f"{row['status'].upper():<8} {where}: {row['detail']}")
+    sha = f"card sha256 {row['card_sha256']}; " if row.get("card_sha256") else ""
+    print(f"{row['status'].upper():<8} {where}: {sha}{row['detail']}")
     if row["status"] == LEGACY:
         print(f"         approved by {row['approver']} until {row['expires']}; fails:")
         for r in row["failed_rules"]:
@@ -135,7 +155,10 @@ def print_row(row: dict[str, Any]) -> None:
 
 def check_one(vdir: Path, role: str, profile: Optional[str] = None) -> bool:
     """Print one version's results (every declared profile, or `profile`); True when none failed."""
-    rows = check_version(vdir, role, profile)
+    return print_rows(check_version(vdir, role, profile))
+
+
+def print_rows(rows: list[dict[str, Any]]) -> bool:
     default = next((r for r in rows if r["profile"] == repository.DEFAULT_PROFILE), None)
     for row in rows:
         print_row(row)
@@ -144,14 +167,70 @@ def check_one(vdir: Path, role: str, profile: Optional[str] = None) -> bool:
     return all(r["ok"] for r in rows)
 
 
+def check_receipt(repo: Path, source: str) -> int:
+    """Check a saved receipt against `repo` (see the module docstring): 0 bound and passed, 1 failed (a one-line
+    reason last), 2 a receipt that cannot be read."""
+    try:
+        receipt = repository.read_receipt(json.loads(sys.stdin.read() if source == "-" else Path(source).read_text()))
+    except (OSError, ValueError) as e:  # JSONDecodeError and ReceiptError are ValueErrors
+        print(f"error: receipt {source}: {e}", file=sys.stderr)
+        return 2
+    if not repository.model_dir(repo, PURIFIER).is_dir():
+        print(f"error: {repo} is not a model repository (no {PURIFIER}/)", file=sys.stderr)
+        return 2
+    what = f"receipt {source} (purifier version {receipt['version']}, profile {receipt['profile']})"
+
+    def failed(reason: str) -> int:
+        print(f"FAILED   {what}: {reason}")
+        return 1
+
+    if receipt["card_sha256"] is None:
+        return failed("it carries no card_sha256 (a server older than the card binding, or a model config that does "
+                      "not report CARD_SHA256), so it cannot be bound to a card")
+    try:
+        found = repository.receipt_card(repo, receipt)
+    except repository.RepositoryError as e:
+        return failed(str(e))
+    if found["sha256"] != receipt["card_sha256"]:
+        return failed(f"it names card sha256 {receipt['card_sha256']}, but the repository's card {found['path']} "
+                      f"has sha256 {found['sha256']}")
+    print(f"BOUND    {what}: card sha256 {found['sha256']} is {found['path']}")
+    rows = check_version(found["version_dir"], PURIFIER, receipt["profile"])
+    ok = print_rows(rows)
+    checked = rows[0].get("card_sha256")
+    if checked is not None and checked != found["sha256"]:  # the file changed between the two reads
+        return failed(f"the card changed while it was checked (sha256 {found['sha256']}, then {checked})")
+    diffs = repository.receipt_figure_differences(receipt["robustness"], found["card"] or {})
+    if diffs is None:
+        print("FIGURES  none on the receipt to compare (no robustness summary, or withheld by the gateway)")
+    elif diffs:
+        print(f"FIGURES  differ from the card: {'; '.join(diffs)}")
+    else:
+        n = len((receipt["robustness"] or {}).get("settings") or [])
+        print(f"FIGURES  equal to the card's: clean accuracy and {n} settings' robust accuracy")
+    if not ok:
+        return failed(f"the check of its card above says {rows[0]['status']}, not passed")
+    if diffs:
+        return failed("its robustness figures are not the card's")
+    print(f"PASSED   {what}: served with a card that passes")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", default=repository.DEFAULT_REPO,
                    help="a version dir, a model dir or a model repository (default: %(default)s)")
     p.add_argument("--card", help="check a card file alone: its signature and its verdict")
+    p.add_argument("--receipt", metavar="FILE", help="a saved /classify or /purify response (- for stdin): check "
+                   "that the repository's card for its version and profile is the card it names, and that card")
     p.add_argument("--profile", help="check only this serving profile's card (one the purifier's config.pbtxt "
                                      "declares; default: every declared profile)")
     a = p.parse_args(argv)
+    if a.receipt:
+        if a.card or a.profile:
+            print("error: --receipt names its version, profile and card itself", file=sys.stderr)
+            return 2
+        return check_receipt(Path(a.path), a.receipt)
     if a.card:
         if a.profile:
             print("error: --card checks a card alone; --profile names a version's card", file=sys.stderr)
