@@ -105,10 +105,10 @@ def build() -> dm.Dashboard:
                          q(triton_mean, "{{endpoint}} Triton time (gateway side)", "B")], min_val=None))
     d = d.with_panel(ts(5, "In-flight requests", "Requests inside the gateway now; past MAX_IN_FLIGHT it sheds "
                         "with 429/503 + Retry-After.", "short",
-                        [q("sum by (instance) (dbp_gateway_in_flight_requests)", "{{instance}}", "A")], w=8))
+                        [q("sum by (instance) (dbp_gateway_in_flight_requests)", "{{instance}}", "A")], w=6))
     d = d.with_panel(ts(6, "Rejections/s by reason", "Requests the gateway refused, by reason (overload, "
                         "bad_image, body_too_large, triton_unavailable, timeout, ...).", "reqps",
-                        [q(rate("dbp_gateway_rejections_total", "reason"), "{{reason}}", "A")], w=8))
+                        [q(rate("dbp_gateway_rejections_total", "reason"), "{{reason}}", "A")], w=6))
     d = d.with_panel(ts(18, "/classify fallbacks/s by reason",
                         "/classify requests that took the two pinned calls (purifier/N, then classifier/N) instead "
                         "of one call to the purify_classify ensemble, by reason (not_newest, no_ensemble, "
@@ -118,7 +118,14 @@ def build() -> dm.Dashboard:
                         "pinned pair and every request pays a second Triton round trip. Alert "
                         "DbpGatewayClassifyFallbacks: > 5% of /classify requests over 10 min, for 15 min "
                         "(rejected not counted).", "reqps",
-                        [q(rate("dbp_gateway_classify_fallbacks_total", "reason"), "{{reason}}", "A")], w=8))
+                        [q(rate("dbp_gateway_classify_fallbacks_total", "reason"), "{{reason}}", "A")], w=6))
+    d = d.with_panel(ts(19, "Receipts withheld/s (card_mismatch)",
+                        "Answers whose receipt had its robustness figures withheld (gate card_mismatch), by "
+                        "endpoint: the card the gateway read is not the card Triton checked when it loaded the "
+                        "version (the file was edited or replaced after the load, or the gateway mounts another "
+                        "repository). Zero in a healthy deployment; the gateway log names the version, profile and "
+                        "both sha256. Alert DbpGatewayCardMismatch: any in 5 min.", "reqps",
+                        [q(rate("dbp_gateway_card_mismatch_total", "endpoint"), "{{endpoint}}", "A")], w=6))
 
     d = d.with_row(db.Row("Model and answers").id(101))
     d = d.with_panel(

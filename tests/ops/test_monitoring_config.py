@@ -107,6 +107,30 @@ def test_unit_tests_pin_the_fallback_alert_choices(field, value, tmp_path):
     assert r.returncode != 0 and "alertname: DbpGatewayClassifyFallbacks" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+CARD_MISMATCH = "sum by (endpoint) (increase(dbp_gateway_card_mismatch_total[5m])) > 0"
+
+
+@needs_promtool
+@pytest.mark.parametrize("field, value", [
+    ("for", "5m"),  # a withheld receipt would never page: the 5-min increase is gone before
+    ("expr", CARD_MISMATCH.replace("> 0", "> 1")),  # one withheld receipt must page
+    ("expr", CARD_MISMATCH.replace("[5m]", "[1m]")),  # a glance at the wrong minute would miss it
+    ("expr", "sum(increase(dbp_gateway_card_mismatch_total[5m])) > 0"),  # the alert must name the endpoint
+], ids=["for-5m", "above-1", "window-1m", "no-endpoint"])
+def test_unit_tests_pin_the_card_mismatch_alert_choices(field, value, tmp_path):
+    """DbpGatewayCardMismatch: any withheld receipt in 5 min, per endpoint, at once, critical (a trust failure).
+    Each variant makes rules_test.yml fail; the flat and restarted counters keep the quiet side."""
+    spec = yaml.safe_load(RULES.read_text())
+    rule = next(r for g in spec["groups"] for r in g["rules"] if r.get("alert") == "DbpGatewayCardMismatch")
+    assert rule["expr"].strip() == CARD_MISMATCH, "the rule changed: update CARD_MISMATCH and these mutations"
+    assert rule["for"] == "0m" and rule["labels"]["severity"] == "critical"
+    rule[field] = value
+    (tmp_path / "dbp.rules.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copy(RULES_TEST, tmp_path / "rules_test.yml")
+    r = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    assert r.returncode != 0 and "alertname: DbpGatewayCardMismatch" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 # ---- the dashboard ------------------------------------------------------------------------------------
 
 def panels() -> list[dict]:
@@ -177,9 +201,22 @@ def test_classify_fallback_panel_sits_with_the_request_rate_panels():
     assert "DbpGatewayClassifyFallbacks" in fb["description"]
 
 
+def test_card_mismatch_panel_sits_beside_the_fallback_panel():
+    """Withheld receipts per endpoint, on the fallback panel's line, right of it, like it."""
+    ps = {p["title"]: p for p in panels()}
+    cm, fb = ps["Receipts withheld/s (card_mismatch)"], ps["/classify fallbacks/s by reason"]
+    assert [t["expr"] for t in cm["targets"]] == [
+        "sum by (endpoint) (rate(dbp_gateway_card_mismatch_total[$__rate_interval]))"]
+    assert cm["targets"][0]["legendFormat"] == "{{endpoint}}"
+    assert cm["type"] == fb["type"] and cm["fieldConfig"]["defaults"]["unit"] == "reqps"
+    assert cm["gridPos"]["y"] == fb["gridPos"]["y"] and cm["gridPos"]["x"] == fb["gridPos"]["x"] + fb["gridPos"]["w"]
+    assert cm["gridPos"]["x"] + cm["gridPos"]["w"] <= 24
+    assert "DbpGatewayCardMismatch" in cm["description"]
+
+
 def test_alerts_named_in_panel_descriptions_exist():
     named = {n for p in panels() for n in re.findall(r"\bAlert (Dbp\w+)", p.get("description", ""))}
-    assert "DbpGatewayClassifyFallbacks" in named
+    assert {"DbpGatewayClassifyFallbacks", "DbpGatewayCardMismatch"} <= named
     assert named <= set(alerts()), f"panels name alerts that do not exist: {named - set(alerts())}"
 
 
@@ -194,7 +231,7 @@ def test_gateway_metric_names_used_are_ones_the_gateway_defines():
     rules = yaml.safe_load(RULES.read_text())
     exprs = [t["expr"] for t in dashboard_targets()] + [r["expr"] for g in rules["groups"] for r in g["rules"]]
     used = {n for e in exprs for n in re.findall(r"(?<![:\w])(dbp_gateway_\w+)", e)}
-    assert "dbp_gateway_classify_fallbacks_total" in used
+    assert {"dbp_gateway_classify_fallbacks_total", "dbp_gateway_card_mismatch_total"} <= used
     assert used - defined == set(), f"used but not defined by the gateway: {sorted(used - defined)}"
 
 
