@@ -19,6 +19,9 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps_model(x_t
 # every sampler purify accepts, with its default num_inference_steps (docs/samplers.md): ddpm/ddim/vpsde read N as
 # the grid of stride T // N (vpsde: Euler-Maruyama step 1/N in continuous time), edm as its number of Heun steps
 SAMPLERS = ("ddpm", "ddim", "vpsde", "edm")
+# the samplers that call the eps-network at non-integer timesteps (999 t, dbp.samplers.VPSchedule.net_time): an
+# evaluator that only takes integer t (an ONNX graph exported with int64 t) would truncate them
+CONTINUOUS_TIME_SAMPLERS = ("vpsde", "edm")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "vpsde": 1000, "edm": 10}
 
 
@@ -231,7 +234,7 @@ class Diffusion(nn.Module):
         if num_inference_steps is None:
             num_inference_steps = self.default_steps(sampler)
         n_inf = num_inference_steps  # 0 must reach reverse_timesteps' check, not fall back to the default
-        if sampler in ("vpsde", "edm"):
+        if sampler in CONTINUOUS_TIME_SAMPLERS:
             return self._purify_continuous(eps_model, x01, sampler, t_star, n_inf, noise, generator, grad_checkpoint,
                                            checkpoint_budget_bytes, s_churn, sde_gradient)
         self.check_settings(sampler, t_star, n_inf, s_churn)

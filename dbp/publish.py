@@ -112,16 +112,18 @@ def build_engine(eps, card: dict, out_dir: Path, onnx: Optional[Path] = None, lo
         else:
             shutil.copyfile(onnx, path)
             sha = engines.file_sha256(path)
-        parity = {}
+        parity, continuous = {}, set()
         for name in engines.CPU_ENGINES:
-            parity[name] = engines.check_parity(eps, engines.EngineEpsNet(name, path))
+            net = engines.EngineEpsNet(name, path)
+            parity[name] = engines.check_parity(eps, net)
+            continuous.add(net.continuous_time)
     except engines.EngineError as e:
         raise ExportError(f"refusing to export: {e}") from None
     except Exception as e:  # noqa: BLE001 - the exporter failing is a reason to refuse
         raise ExportError(f"refusing to export: cannot export the UNet to ONNX: {type(e).__name__}: {e}") from None
     model = card.get("model") or {}
     m = engines.manifest(sha, model["purifier_sha256"], model.get("purifier_meta_sha256"), card.get("binding")
-                         or binding_sha256(card), parity)
+                         or binding_sha256(card), parity, continuous_time=continuous == {True})
     (d / engines.MANIFEST_FILE).write_text(json.dumps(m, indent=2))
     log("engine ok: " + ", ".join(f"{k} max |d eps| {v:.2g}" for k, v in parity.items())
         + f" <= {engines.TOLERANCE:g} ({engines.ONNX_FILE} sha256 {sha[:12]})")

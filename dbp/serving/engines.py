@@ -17,6 +17,11 @@ purifier_sha256 / purifier_meta_sha256, which the gate signed) and the card's bi
 measured at export. Export writes both (dbp.publish) and refuses a file whose outputs differ from torch's beyond
 TOLERANCE; the server (PurifierService) re-checks the hashes against the card and re-measures parity at load
 (a few UNet calls), so an ONNX file swapped in by hand, or exported from other weights, is never served.
+
+The graph's timestep input t is float32 in exports since the continuous-time samplers (dbp.diffusion
+CONTINUOUS_TIME_SAMPLERS: vpsde, edm) call the network at 999 t; graphs exported before take int64 t.
+`EngineEpsNet.continuous_time` says which one a file has; an int64 graph refuses a non-integer t (EngineError)
+rather than truncating it, and PurifierService runs such profiles on the torch network instead.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ OPSET = 17
 TOLERANCE = 1e-4
 TOLERANCE_FP16 = 2e-2
 PARITY_TIMESTEPS = (0, 50, 100, 500, 999)
+# a float-t graph is also measured between the integers, where vpsde/edm evaluate it (an int64 graph cannot be)
+PARITY_TIMESTEPS_CONTINUOUS = (0, 0.5, 37.25, 50, 99.9, 100, 500, 999)
 PARITY_BATCH = 4
 PARITY_SEED = 0
 
@@ -70,8 +77,10 @@ def chw_of(eps_net: nn.Module) -> tuple[int, int, int]:
 # ---- export ---------------------------------------------------------------------------------------
 
 def export_onnx(eps_net: nn.Module, path: str | Path, chw: Optional[tuple[int, int, int]] = None) -> str:
-    """The eps-network as ONNX (inputs x [B,C,H,W] fp32 in [-1,1]-ish, t [B] int64; output eps), dynamic batch.
-    Returns the file's sha256. The legacy TorchScript exporter (dynamo=False): the dynamo one needs onnxscript."""
+    """The eps-network as ONNX (inputs x [B,C,H,W] fp32 in [-1,1]-ish, t [B] fp32; output eps), dynamic batch.
+    Returns the file's sha256. The legacy TorchScript exporter (dynamo=False): the dynamo one needs onnxscript.
+    t is traced as float32, the dtype dbp.samplers passes at continuous time, so the graph keeps the fraction of
+    t that vpsde/edm evaluate (an int64 trace would bake the truncation into the file)."""
     import warnings
 
     chw = chw or chw_of(eps_net)
@@ -79,7 +88,7 @@ def export_onnx(eps_net: nn.Module, path: str | Path, chw: Optional[tuple[int, i
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = eps_net.training
     eps_net.eval()
-    x, t = torch.zeros(2, *chw), torch.full((2,), 50, dtype=torch.long)
+    x, t = torch.zeros(2, *chw), torch.full((2,), 50.5, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of diffusers' shape checks, the exporter's deprecation note
         torch.onnx.export(eps_net, (x, t), str(path), input_names=["x", "t"], output_names=["eps"],
@@ -90,7 +99,8 @@ def export_onnx(eps_net: nn.Module, path: str | Path, chw: Optional[tuple[int, i
 
 
 def to_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
-    """An fp16 copy of the graph for the CUDA EP (inputs/outputs stay fp32 and int64)."""
+    """An fp16 copy of the graph for the CUDA EP (inputs/outputs keep their types: fp32, or int64 t in old graphs).
+    Inside, t is fp16 too (steps of 0.5 near 999): within TOLERANCE_FP16, which parity checks at load."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -148,6 +158,8 @@ class EngineEpsNet(nn.Module):
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - a broken file or provider: say which
             raise EngineError(f"ONNX Runtime cannot load {self.onnx_path}: {type(e).__name__}: {e}") from None
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self._set_t_dtype(types.get("t"), {"tensor(float)": np.float32, "tensor(int64)": np.int64})
 
         def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             return self.session.run(None, {"x": x, "t": t})[0]
@@ -163,30 +175,58 @@ class EngineEpsNet(nn.Module):
         if self.threads > 0:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
         try:
-            self.compiled = core.compile_model(core.read_model(str(self.onnx_path)), "CPU", cfg)
+            model = core.read_model(str(self.onnx_path))
+            self.compiled = core.compile_model(model, "CPU", cfg)
+            t_type = next((p.get_element_type() for p in model.inputs if "t" in p.get_names()), None)
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"OpenVINO cannot load {self.onnx_path}: {type(e).__name__}: {e}") from None
+        self._set_t_dtype(t_type, {ov.Type.f32: np.float32, ov.Type.i64: np.int64})
         request, out = self.compiled.create_infer_request(), self.compiled.output(0)
 
         def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             return request.infer({"x": x, "t": t})[out]
         return run
 
+    def _set_t_dtype(self, found, known: Mapping[Any, Any]) -> None:
+        if found not in known:
+            raise EngineError(f"{self.onnx_path}: the graph's timestep input 't' is {found}, expected float32 or "
+                              f"int64 (an ONNX file exported by dbp.serving.engines.export_onnx)")
+        self.t_dtype = known[found]
+        # False: a graph exported before float t (int64 t); it serves ddpm/ddim, never vpsde/edm
+        self.continuous_time = self.t_dtype == np.float32
+
     def forward(self, x, t) -> torch.Tensor:
         xn = np.ascontiguousarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x, dtype=np.float32)
-        tn = np.ascontiguousarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t, dtype=np.int64)
+        tn = np.asarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t)
+        if not self.continuous_time and tn.dtype.kind not in "iub":
+            frac = tn[~(tn == np.floor(tn))]  # NaN and inf land here too
+            if frac.size:
+                raise EngineError(
+                    f"engine {self.engine!r}: {self.onnx_path} takes integer timesteps (int64 t, exported before "
+                    f"float t) and was called at t = {float(frac.reshape(-1)[0])!r}, which it would truncate. A "
+                    f"sampler that calls the network at continuous time (vpsde, edm) needs the torch network or an "
+                    f"engine file exported with float t")
+        tn = np.ascontiguousarray(tn, dtype=self.t_dtype)
         if tn.ndim == 0:
-            tn = np.full((xn.shape[0],), int(tn), dtype=np.int64)
+            tn = np.full((xn.shape[0],), tn.item(), dtype=self.t_dtype)
         return torch.from_numpy(np.array(self._run(xn, tn), dtype=np.float32, copy=True))
 
 
 # ---- parity ---------------------------------------------------------------------------------------
 
-def parity_inputs(chw: tuple[int, int, int], timesteps: Sequence[int] = PARITY_TIMESTEPS, batch: int = PARITY_BATCH,
-                  seed: int = PARITY_SEED) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed seeded inputs: x_t ~ N(0, 1) (the chain's range at large t, wider than at small t) at each t."""
+def parity_timesteps(engine_net: nn.Module) -> tuple[float, ...]:
+    """The timesteps parity is measured at for this engine: between the integers too when its graph takes float t."""
+    return PARITY_TIMESTEPS_CONTINUOUS if getattr(engine_net, "continuous_time", False) else PARITY_TIMESTEPS
+
+
+def parity_inputs(chw: tuple[int, int, int], timesteps: Sequence[float] = PARITY_TIMESTEPS,
+                  batch: int = PARITY_BATCH, seed: int = PARITY_SEED) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed seeded inputs: x_t ~ N(0, 1) (the chain's range at large t, wider than at small t) at each t; t as
+    int64 where it is an integer (what ddpm/ddim pass), float32 otherwise (what vpsde/edm pass)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *chw, generator=g), torch.full((batch,), int(t), dtype=torch.long))
+    return [(torch.randn(batch, *chw, generator=g),
+             torch.full((batch,), int(t), dtype=torch.long) if float(t).is_integer()
+             else torch.full((batch,), float(t), dtype=torch.float32))
             for t in timesteps]
 
 
@@ -202,24 +242,27 @@ def check_parity(torch_net: nn.Module, engine_net: EngineEpsNet, chw: Optional[t
                  tol: Optional[float] = None) -> float:
     """max |eps_engine - eps_torch| on the fixed inputs; raises EngineError beyond the engine's tolerance."""
     tol = tolerance(engine_net.engine) if tol is None else tol
-    d = max_abs_diff(torch_net, engine_net, chw or chw_of(torch_net))
+    timesteps = parity_timesteps(engine_net)
+    d = max_abs_diff(torch_net, engine_net, chw or chw_of(torch_net), timesteps=timesteps)
     if not d <= tol:  # NaN fails too
         raise EngineError(f"engine {engine_net.engine!r} on {engine_net.onnx_path.name} differs from the torch UNet "
                           f"by max |d eps| = {d:.3g} > {tol:g} on the fixed parity inputs (seed {PARITY_SEED}, "
-                          f"t in {list(PARITY_TIMESTEPS)}): not the same network")
+                          f"t in {list(timesteps)}): not the same network")
     return d
 
 
 # ---- the version's engine files -------------------------------------------------------------------
 
 def manifest(onnx_sha256: str, purifier_sha256: str, purifier_meta_sha256: Optional[str], card_binding: Optional[str],
-             parity: Mapping[str, float]) -> dict[str, Any]:
+             parity: Mapping[str, float], continuous_time: bool = True) -> dict[str, Any]:
+    """continuous_time: whether the graph takes float t (what parity was measured at follows from it)."""
     import onnx
     return {"onnx": f"{ONNX_FILE}", "onnx_sha256": onnx_sha256, "purifier_sha256": purifier_sha256,
             "purifier_meta_sha256": purifier_meta_sha256, "card_binding": card_binding,
             "exporter": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "opset": OPSET,
-                         "dynamo": False},
-            "parity": {"max_abs_diff_eps": dict(parity), "tolerance": TOLERANCE, "timesteps": list(PARITY_TIMESTEPS),
+                         "dynamo": False, "t": "float32" if continuous_time else "int64"},
+            "parity": {"max_abs_diff_eps": dict(parity), "tolerance": TOLERANCE,
+                       "timesteps": list(PARITY_TIMESTEPS_CONTINUOUS if continuous_time else PARITY_TIMESTEPS),
                        "batch": PARITY_BATCH, "seed": PARITY_SEED}}
 
 

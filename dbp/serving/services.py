@@ -17,7 +17,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import repository
-from ..diffusion import PurifyNoise
+from ..diffusion import CONTINUOUS_TIME_SAMPLERS, PurifyNoise
 from ..models import Purifier, load_classifier, load_unet
 from .contract import (DEFAULT_PROFILE, CertifySettings, ClassifierSettings, Inputs, PurifierSettings, RequestError,
                        aggregate_votes, certify_request, check_images, check_profile, check_seeds, check_votes,
@@ -75,6 +75,11 @@ class PurifierService:
     its card must pass (else the version does not load); every other declared profile gets its own Purifier over
     the same eps-network (the same engine) and is served only if its card (<version>/cards/<profile>.json) passes
     dbp.repository.check_version for that profile's settings; `refused` says why the others are not served.
+
+    Exception to the shared engine: a profile whose sampler calls the network at continuous time (vpsde, edm) runs
+    on the torch network when the engine's graph takes only integer timesteps (engine files exported before float
+    t), since the engine would refuse those calls and the card measured torch's; `profile_engines` says which
+    evaluator each profile uses.
     """
 
     def __init__(self, version_dir: str | Path, settings: PurifierSettings = PurifierSettings(),
@@ -84,7 +89,7 @@ class PurifierService:
         # what each profile's card must be bound to and have attacked (its settings and the served max_votes)
         self.version = load_version(version_dir, "purifier", require_card,
                                     repository.served_purification(settings, DEFAULT_PROFILE))
-        eps = load_unet(self.version.weights)
+        eps_torch = eps = load_unet(self.version.weights)
         cfg = eps.unet.config
         self.chw = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
         self.engine_parity = None  # max |eps_engine - eps_torch| re-measured at load (dbp.serving.engines)
@@ -93,10 +98,19 @@ class PurifierService:
             eps, self.engine_parity = load_engine(settings.engine, self.version.dir, self.version.card, eps,
                                                   settings.threads)
         table = settings.profile_table()
+        # profile -> (what evaluates its UNet, why not the configured engine or None)
+        evaluator: dict[str, tuple[str, Optional[str]]] = {}
+        nets = {}
+        for name, p in table.items():
+            evaluator[name], nets[name] = (settings.engine, None), eps
+            if eps is not eps_torch and p.sampler in CONTINUOUS_TIME_SAMPLERS and not eps.continuous_time:
+                evaluator[name] = ("torch", f"the engine's graph takes integer timesteps; sampler {p.sampler} "
+                                            f"needs continuous time")
+                nets[name] = eps_torch
         # every declared profile's settings are checked by dbp.diffusion (Purifier -> Diffusion.check_settings), so a
         # bad one fails the load whether or not its card exists
-        chains = {name: Purifier(eps, t_star=p.t_star, sampler=p.sampler, num_inference_steps=p.num_inference_steps
-                                 ).eval() for name, p in table.items()}
+        chains = {name: Purifier(nets[name], t_star=p.t_star, sampler=p.sampler,
+                                 num_inference_steps=p.num_inference_steps).eval() for name, p in table.items()}
         self.purifier = chains[DEFAULT_PROFILE]
         self.purifiers: dict[str, Purifier] = {DEFAULT_PROFILE: self.purifier}
         self.profile_cards: dict[str, Optional[dict]] = {DEFAULT_PROFILE: self.version.card}
@@ -117,6 +131,11 @@ class PurifierService:
                 card = None
             self.purifiers[name] = chains[name]
             self.profile_cards[name] = card
+        self.profile_engines = {name: evaluator[name][0] for name in self.purifiers}
+        for name in self.purifiers:
+            if evaluator[name][1]:
+                print(f"{self.version.dir}: profile {name}: {evaluator[name][0]} ({evaluator[name][1]})",
+                      file=sys.stderr, flush=True)
         # served profile -> sha256 of the card bytes checked above ("" without a card check): what CARD_SHA256
         # answers, never a re-read of a file that may have changed since (dbp.serving.triton_glue.with_card_sha256)
         self.card_sha256 = {name: ((card or {}).get("gate_status") or {}).get("card_sha256") or ""

@@ -32,7 +32,10 @@ class Role:
 ROLES = {
     "purifier": Role(PurifierSettings, "PurifierService", PURIFIER_INPUTS, PURIFIER_OUTPUTS,
                      lambda s: f", {s.purifier.n_unet_calls} UNet calls per purification, profiles served: "
-                               + ", ".join(f"{n} ({p.n_unet_calls} calls)" for n, p in s.purifiers.items())
+                               + ", ".join(f"{n} ({p.n_unet_calls} calls"
+                                           + ("" if s.profile_engines[n] == s.settings.engine
+                                              else f", on {s.profile_engines[n]}") + ")"
+                                           for n, p in s.purifiers.items())
                                + "".join(f"; {n} NOT served (no valid card)" for n in s.refused)),
     "classifier": Role(ClassifierSettings, "ClassifierService", CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, lambda s: ""),
     "certify": Role(CertifySettings, "CertifyService", CERTIFY_INPUTS, CERTIFY_OUTPUTS, lambda s: s.describe),

@@ -53,6 +53,103 @@ def test_engine_matches_torch_on_fixed_inputs(tiny_models, onnx_file, engine):
         assert float((p_eng(x01, noise=noise) - p_torch(x01, noise=noise)).abs().max()) <= 1e-4
 
 
+# ---- timesteps between the integers (vpsde, edm) --------------------------------------------------
+
+NON_INTEGER_T = (99.9, 37.25, 0.5)
+
+
+@pytest.fixture(scope="module")
+def int64_onnx_file(tiny_models, tmp_path_factory) -> Path:
+    """The tiny network exported the way every committed version's engine was: t traced as int64."""
+    import warnings
+    path = tmp_path_factory.mktemp("onnx-int64") / engines.ONNX_FILE
+    x, t = torch.zeros(2, 1, 32, 32), torch.full((2,), 50, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_models[0], (x, t), str(path), input_names=["x", "t"], output_names=["eps"],
+                          dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                          opset_version=engines.OPSET, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("engine", CPU)
+def test_float_t_export_matches_torch_between_the_integers(tiny_models, onnx_file, engine):
+    eps = tiny_models[0]
+    net = engines.EngineEpsNet(engine, onnx_file)
+    assert net.continuous_time and net.t_dtype == np.float32
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((3, 1, 32, 32), dtype=np.float32))
+    with torch.no_grad():
+        for tv in NON_INTEGER_T + (30, 999):
+            t = torch.full((3,), float(tv))
+            ref = eps(x, t)
+            assert float((net(x, t) - ref).abs().max()) <= engines.TOLERANCE, tv
+            if tv != int(tv):  # the fraction matters at these sizes: what truncating would have served instead
+                assert float((eps(x, t.long()) - ref).abs().max()) > 10 * engines.TOLERANCE
+        # an integer t given as int64 (ddpm/ddim) still reaches the float graph
+        assert float((net(x, torch.full((3,), 30, dtype=torch.long)) - eps(x, torch.full((3,), 30.0))).abs().max()
+                     ) <= engines.TOLERANCE
+    # parity at export/load covers a non-integer timestep for such a graph
+    assert engines.parity_timesteps(net) == engines.PARITY_TIMESTEPS_CONTINUOUS
+    assert any(not float(t).is_integer() for t in engines.PARITY_TIMESTEPS_CONTINUOUS)
+
+
+@pytest.mark.parametrize("engine", CPU)
+def test_float_t_engine_runs_the_continuous_samplers_as_torch_does(tiny_models, onnx_file, engine):
+    eps = tiny_models[0]
+    net = engines.EngineEpsNet(engine, onnx_file)
+    x01 = torch.from_numpy(images(2, seed=4))
+    for sampler, steps in (("vpsde", 100), ("edm", 3)):
+        p_torch = Purifier(eps, t_star=40, sampler=sampler, num_inference_steps=steps)
+        p_eng = Purifier(net, t_star=40, sampler=sampler, num_inference_steps=steps)
+        noise = p_torch.sample_noise(x01, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert float((p_eng(x01, noise=noise) - p_torch(x01, noise=noise)).abs().max()) <= 1e-4, sampler
+
+
+@pytest.mark.parametrize("engine", CPU)
+def test_int64_t_graph_refuses_non_integer_timesteps(tiny_models, int64_onnx_file, engine):
+    eps = tiny_models[0]
+    net = engines.EngineEpsNet(engine, int64_onnx_file)
+    assert not net.continuous_time and net.t_dtype == np.int64
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 1, 32, 32), dtype=np.float32))
+    for tv in NON_INTEGER_T:
+        with pytest.raises(engines.EngineError, match="takes integer timesteps.*would truncate"):
+            net(x, torch.full((2,), tv))
+        with pytest.raises(engines.EngineError, match="integer timesteps"):
+            net(x.numpy(), np.float32(tv))  # a scalar t too
+    # integer t, as int64 or as an integer-valued float, is what the graph was made for
+    with torch.no_grad():
+        for t in (torch.full((2,), 30, dtype=torch.long), torch.full((2,), 30.0)):
+            assert float((net(x, t) - eps(x, t)).abs().max()) <= engines.TOLERANCE
+    # its parity stays on the integer timesteps it can evaluate
+    assert engines.parity_timesteps(net) == engines.PARITY_TIMESTEPS
+    assert engines.check_parity(eps, net) <= engines.TOLERANCE
+    # the chains: ddim serves, vpsde refuses (never a truncated purification)
+    x01 = torch.from_numpy(images(1, seed=4))
+    with torch.no_grad():
+        Purifier(net, t_star=40, sampler="ddim", num_inference_steps=50)(x01, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(engines.EngineError, match="integer timesteps"):
+            Purifier(net, t_star=40, sampler="vpsde", num_inference_steps=100)(
+                x01, generator=torch.Generator().manual_seed(0))
+
+
+def test_committed_engine_files_take_int64_t():
+    """Every committed version's engine predates float t: read-only, the engine says so."""
+    from helpers import MODEL_REPOSITORY
+    files = sorted(MODEL_REPOSITORY.glob(f"purifier/*/{engines.ENGINE_DIR}/{engines.ONNX_FILE}"))
+    if not files:
+        pytest.skip("no committed engine file")
+    for f in files:
+        assert not engines.EngineEpsNet("onnxruntime", f).continuous_time, f
+
+
+def test_fp16_copy_keeps_float_io(onnx_file, tmp_path):
+    import onnx
+    m = onnx.load(str(engines.to_fp16_onnx(onnx_file, tmp_path / "fp16.onnx")))
+    io = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output)}
+    assert io == {"x": onnx.TensorProto.FLOAT, "t": onnx.TensorProto.FLOAT, "eps": onnx.TensorProto.FLOAT}
+
+
 def test_parity_check_refuses_another_network(tiny_models, tmp_path):
     torch.manual_seed(123)
     other = EpsNet(build_unet("small")).eval()
@@ -89,6 +186,7 @@ def test_export_binds_the_onnx_file_to_the_card(export_repo_factory):
     assert m["card_binding"] == card["binding"]
     assert set(m["parity"]["max_abs_diff_eps"]) == set(CPU)
     assert max(m["parity"]["max_abs_diff_eps"].values()) <= m["parity"]["tolerance"] == engines.TOLERANCE
+    assert m["exporter"]["t"] == "float32" and m["parity"]["timesteps"] == list(engines.PARITY_TIMESTEPS_CONTINUOUS)
     assert engines.check_engine_files(vdir, card) == vdir / engines.ENGINE_DIR / engines.ONNX_FILE
     assert not (repository.version_dir(repo, "classifier", 1) / engines.ENGINE_DIR).exists()
 

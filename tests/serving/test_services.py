@@ -80,3 +80,80 @@ def test_card_sha256_is_of_the_card_checked_at_load(repo, services):
         path.write_bytes(raw)
     assert pur.card_sha256 == {"default": hashlib.sha256(raw).hexdigest()}
     assert out["CARD_SHA256"].tolist() == [[hashlib.sha256(raw).hexdigest().encode()]] * 2
+
+
+# ---- a continuous-time profile under an engine that takes integer timesteps ---------------------------------
+
+STRONG = {"t_star": 40, "sampler": "vpsde", "num_inference_steps": 100}  # 4 Euler-Maruyama steps at 999 t
+
+
+def _int64_engine(vdir, eps) -> None:
+    """Replace the version's engine file by the same weights exported the way every committed version's engine
+    was (t traced as int64), bound by its manifest: what a version exported before float t holds."""
+    import warnings
+
+    import torch
+
+    from dbp.serving import engines
+    path = vdir / engines.ENGINE_DIR / engines.ONNX_FILE
+    x, t = torch.zeros(2, 1, 32, 32), torch.full((2,), 50, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(eps, (x, t), str(path), input_names=["x", "t"], output_names=["eps"],
+                          dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                          opset_version=engines.OPSET, dynamo=False)
+    mf = vdir / engines.ENGINE_DIR / engines.MANIFEST_FILE
+    mf.write_text(json.dumps({**json.loads(mf.read_text()), "onnx_sha256": engines.file_sha256(path)}))
+
+
+def test_continuous_time_profile_serves_what_its_card_measured(tiny_models, tiny_diffusion_ckpt,
+                                                               tiny_classifier_ckpt, tmp_path, monkeypatch, capsys):
+    """A vpsde profile on a version whose engine graph takes int64 t: its purifications are the torch network's
+    (what the gate measured for its card), bit for bit with the same SEED, while ddpm/ddim profiles stay on the
+    engine. With a float-t engine the vpsde profile uses the engine too."""
+    pytest.importorskip("onnxruntime")
+    from dbp.serving import contract, engines
+    from dbp.serving.contract import PurifierSettings, parse_parameters
+    from dbp.serving.services import PurifierService
+    from helpers import TEST_PROFILES, images, profile_repo, seeds, write_card
+    from training import profiles as profiles_cli
+
+    # the served contract accepts ddpm/ddim profiles only today; the service must be right once it takes vpsde
+    monkeypatch.setattr(contract, "SERVED_SAMPLERS", contract.SERVED_SAMPLERS + ("vpsde",))
+    repo = profile_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)  # this test's own repository
+    config = repo / "purifier" / repository.CONFIG_FILE
+    repository.set_parameter(config, "profiles", json.dumps({**TEST_PROFILES, "strong": STRONG}))
+    card = write_card(tmp_path / "strong-card.json", tiny_diffusion_ckpt, tiny_classifier_ckpt, purification=STRONG)
+    profiles_cli.add(repo, 1, "strong", card, log=lambda *a: None)
+    vdir = repository.version_dir(repo, "purifier", 1)
+    base = parse_parameters(PurifierSettings, repository.read_parameters(config)).__dict__
+
+    x = images(2, seed=8)
+    def req(profile):
+        return [{"IMAGES": x, "SEED": seeds(11, 12), "PROFILE": np.array([[profile.encode()]] * 2, dtype=object)}]
+
+    ref = PurifierService(vdir, PurifierSettings(**{**base, "engine": "torch"}))
+    want = {p: ref(req(p))[0]["PURIFIED"] for p in ("strong", "default", "fast")}
+
+    fresh = PurifierService(vdir, PurifierSettings(**{**base, "engine": "onnxruntime"}))  # float-t export
+    assert fresh.purifier.eps_net.continuous_time
+    assert fresh.profile_engines == {"default": "onnxruntime", "fast": "onnxruntime", "strong": "onnxruntime"}
+    np.testing.assert_allclose(fresh(req("strong"))[0]["PURIFIED"], want["strong"], atol=1e-4)
+
+    _int64_engine(vdir, tiny_models[0])
+    capsys.readouterr()
+    svc = PurifierService(vdir, PurifierSettings(**{**base, "engine": "onnxruntime"}))
+    log = capsys.readouterr().err
+    assert isinstance(svc.purifier.eps_net, engines.EngineEpsNet) and not svc.purifier.eps_net.continuous_time
+    assert svc.profile_engines == {"default": "onnxruntime", "fast": "onnxruntime", "strong": "torch"}
+    assert isinstance(svc.purifiers["fast"].eps_net, engines.EngineEpsNet)
+    assert not isinstance(svc.purifiers["strong"].eps_net, engines.EngineEpsNet)
+    assert ("profile strong: torch (the engine's graph takes integer timesteps; sampler vpsde needs continuous time)"
+            in log) and "profile fast:" not in log
+    got = svc(req("strong"))[0]
+    assert not isinstance(got, Exception), got
+    np.testing.assert_array_equal(got["PURIFIED"], want["strong"])
+    for p in ("default", "fast"):  # on the engine: torch's up to the engine's rounding
+        np.testing.assert_allclose(svc(req(p))[0]["PURIFIED"], want[p], atol=1e-4)
+    from dbp.serving.triton_glue import ROLES
+    assert "strong (4 calls, on torch)" in ROLES["purifier"].describe(svc)
