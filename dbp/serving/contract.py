@@ -83,7 +83,10 @@ class PurifierSettings:
 
 
 DEFAULT_PROFILE = "default"
-SERVED_SAMPLERS = ("ddpm", "ddim")  # what the served contract accepts (dbp.diffusion has more)
+# every sampler of dbp.diffusion.SAMPLERS (tests/serving/test_contract.py ties the two; this module imports no torch):
+# each draws its noise from the row's seed (Purifier.sample_noise), and vpsde / edm run on the torch UNet where the
+# engine's graph takes integer timesteps (dbp.serving.services)
+SERVED_SAMPLERS = ("ddpm", "ddim", "vpsde", "edm")
 PROFILE_KEYS = ("t_star", "sampler", "num_inference_steps")  # = dbp.card.PURIFICATION_KEYS
 _PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -240,7 +243,7 @@ def parse_parameters(cls: type, model_config: Mapping[str, Any] | str):
             raise ValueError(f"parameter {key!r} must be {typ.__name__}, got {raw!r}") from None
     s = cls(**values)
     if getattr(s, "sampler", "ddpm") not in SERVED_SAMPLERS:
-        raise ValueError(f"parameter 'sampler' must be 'ddpm' or 'ddim', got {s.sampler!r}")
+        raise ValueError(f"parameter 'sampler' must be one of {', '.join(SERVED_SAMPLERS)}, got {s.sampler!r}")
     if getattr(s, "engine", "torch") not in PURIFIER_ENGINES:
         raise ValueError(f"parameter 'engine' must be one of {', '.join(PURIFIER_ENGINES)}, got {s.engine!r}")
     if isinstance(s, PurifierSettings):

@@ -192,7 +192,8 @@ class EngineEpsNet(nn.Module):
             raise EngineError(f"{self.onnx_path}: the graph's timestep input 't' is {found}, expected float32 or "
                               f"int64 (an ONNX file exported by dbp.serving.engines.export_onnx)")
         self.t_dtype = known[found]
-        # False: a graph exported before float t (int64 t); it serves ddpm/ddim, never vpsde/edm
+        # False: a graph exported before float t (int64 t): it evaluates ddpm/ddim, and PurifierService gives vpsde/edm
+        # profiles the torch UNet
         self.continuous_time = self.t_dtype == np.float32
 
     def forward(self, x, t) -> torch.Tensor:

@@ -144,3 +144,11 @@ def test_certify_request_limits():
     with pytest.raises(contract.RequestError, match="same for every image"):
         contract.certify_request(np.array([[8], [9]], np.int32), np.full((2, 1), 0.25, np.float32),
                                  np.full((2, 1), 0.001, np.float32), 2, s)
+
+
+def test_served_samplers_are_the_library_samplers():
+    """The contract (torch-free) names dbp.diffusion's samplers itself: a sampler added there is served only once it
+    is added here too, and a served name the library lacks would fail every load."""
+    from dbp.diffusion import SAMPLERS
+
+    assert contract.SERVED_SAMPLERS == SAMPLERS

@@ -54,7 +54,7 @@ def test_committed_profiles_parse_to_the_pinned_settings():
     ('{"fast": {"t_star": 50, "sampler": "ddim", "num_inference_steps": 10, "eta": 0}}', "exactly the keys"),
     ('{"fast": {"t_star": "50", "sampler": "ddim", "num_inference_steps": 10}}', "integer"),
     ('{"fast": {"t_star": 0, "sampler": "ddim", "num_inference_steps": 10}}', ">= 1"),
-    ('{"fast": {"t_star": 50, "sampler": "vpsde", "num_inference_steps": 10}}', "ddpm, ddim"),
+    ('{"fast": {"t_star": 50, "sampler": "heun", "num_inference_steps": 10}}', "ddpm, ddim, vpsde, edm"),
 ])
 def test_malformed_profiles_refuse_the_load(raw, match):
     cfg = {"parameters": {"profiles": {"string_value": raw}}}

@@ -107,19 +107,17 @@ def _int64_engine(vdir, eps) -> None:
 
 
 def test_continuous_time_profile_serves_what_its_card_measured(tiny_models, tiny_diffusion_ckpt,
-                                                               tiny_classifier_ckpt, tmp_path, monkeypatch, capsys):
+                                                               tiny_classifier_ckpt, tmp_path, capsys):
     """A vpsde profile on a version whose engine graph takes int64 t: its purifications are the torch network's
     (what the gate measured for its card), bit for bit with the same SEED, while ddpm/ddim profiles stay on the
     engine. With a float-t engine the vpsde profile uses the engine too."""
     pytest.importorskip("onnxruntime")
-    from dbp.serving import contract, engines
+    from dbp.serving import engines
     from dbp.serving.contract import PurifierSettings, parse_parameters
     from dbp.serving.services import PurifierService
     from helpers import TEST_PROFILES, images, profile_repo, seeds, write_card
     from training import profiles as profiles_cli
 
-    # the served contract accepts ddpm/ddim profiles only today; the service must be right once it takes vpsde
-    monkeypatch.setattr(contract, "SERVED_SAMPLERS", contract.SERVED_SAMPLERS + ("vpsde",))
     repo = profile_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)  # this test's own repository
     config = repo / "purifier" / repository.CONFIG_FILE
     repository.set_parameter(config, "profiles", json.dumps({**TEST_PROFILES, "strong": STRONG}))
