@@ -133,7 +133,10 @@ def _failures(card, weights, purification, baseline, per_rule: bool = False) -> 
     # only the default (1) and the maximum are attacked: robustness at 16 votes says nothing about 4
     if served_votes > 1 and attacked != served_votes:
         failures.append(f"the server allows up to {served_votes} VOTES but the card attacked {attacked} as the "
-                        f"maximum: gate it with --votes {served_votes}, or set max_votes in config.pbtxt to {attacked}")
+                        f"maximum: gate it with --votes {served_votes}, or set max_votes in config.pbtxt to {attacked}"
+                        if attacked is not None else
+                        f"the server allows up to {served_votes} VOTES but the card does not say which maximum it "
+                        f"attacked (a card older than served_votes): gate it with --votes {served_votes}")
     if baseline is not None:
         b = card.get("baseline") if isinstance(card.get("baseline"), Mapping) else {}
         if any(b.get(k) != baseline.get(k) for k in ("purifier_sha256", "classifier_sha256")):

@@ -42,7 +42,14 @@ def test_sampler_comparison(tiny_classifier_ckpt, tiny_diffusion_ckpt, tmp_path,
     for s, p in doc["paired"].items():
         for c in ("clean", "dwbox_linf_8_255", "eot_linf_8_255"):
             assert p[c]["diff"] == 0 and p[c]["p_value"] == 1.0, (s, c)
+    vs = doc["addt_vs_served_sampler"]  # edm against ddim, both on the "ADDT" weights: counts add up to n
+    assert set(vs) == {"edm"} and vs["edm"]["dwbox_linf_8_255"]["n"] == 4
+    q = vs["edm"]["dwbox_linf_8_255"]
+    edm, ddim = (units[u]["results"]["dwbox_linf_8_255"]["per_image"] for u in ("edm-addt", "ddim-addt"))
+    assert q["only_sampler_right"] == sum(a >= .5 > b for a, b in zip(edm, ddim))
+    assert q["only_served_right"] == sum(b >= .5 > a for a, b in zip(edm, ddim))
     md = (copy / "samplers.md").read_text()
+    assert "## Each sampler against the served one (ddim)" in md and "| edm |" in md
     assert "| ddpm | 11 | not run yet" in md and "| edm | 11 | " in md and "+0.0" in md
     assert (copy / "samplers.png").read_bytes()[:4] == b"\x89PNG"
 

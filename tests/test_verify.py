@@ -61,13 +61,15 @@ def test_verify_checks_every_declared_profile_of_the_committed_version_2(tmp_pat
     out = capsys.readouterr().out
     assert out.startswith(f"LEGACY   {v2}: ")  # the default profile first, in the format it always had
     legacy = _lines(out, "LEGACY")
-    assert len(legacy) == 2 and legacy[1].startswith(f"LEGACY   {v2} profile fast: ")
-    assert out.count("approved by dbp maintainers") == 2 and "issue 22" in out
+    assert len(legacy) == 3 and legacy[1].startswith(f"LEGACY   {v2} profile fast: ")
+    assert legacy[2].startswith(f"LEGACY   {v2} profile strong: ")
+    assert out.count("approved by dbp maintainers") == 3 and "issue 22" in out
     assert "REFUSED" not in out and "PASSED" not in out
     rows = verify.check_version(v2, "purifier")
     assert [(r["profile"], r["status"], r["card"]) for r in rows] == [
         ("default", "legacy", str(repository.card_path(v2, "default"))),
-        ("fast", "legacy", str(repository.card_path(v2, "fast")))]
+        ("fast", "legacy", str(repository.card_path(v2, "fast"))),
+        ("strong", "legacy", str(repository.card_path(v2, "strong")))]
     assert verify.main([str(v2), "--profile", "fast"]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"LEGACY   {v2} profile fast: ") and len(_lines(out, "LEGACY")) == 1
@@ -88,7 +90,7 @@ def test_verify_fails_naming_the_profile_whose_card_was_edited(tmp_path, capsys)
     assert len(refused) == 1 and refused[0].startswith(f"REFUSED  {v2} profile fast: ")
     assert "refusing to serve" in refused[0]
     assert {r["profile"]: r["status"] for r in verify.check_version(v2, "purifier")} == {
-        "default": "legacy", "fast": "refused"}
+        "default": "legacy", "fast": "refused", "strong": "legacy"}
     assert verify.main([str(v2), "--profile", "fast"]) == 1
     assert _lines(capsys.readouterr().out, "REFUSED")[0].startswith(f"REFUSED  {v2} profile fast: ")
 

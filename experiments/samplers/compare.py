@@ -54,6 +54,7 @@ MODELS = ("base", "addt")
 COMPONENTS = ("clean", "dwbox_linf_8_255", "eot_linf_8_255", "gradient_cosine", "latency")
 # ddim last: by then the sweep has usually measured the served point, which is the ddim-addt unit
 ORDER = ("ddpm", "vpsde", "edm", "ddim")
+SERVED_SAMPLER = "ddim"  # version 2's default profile (config.pbtxt); from_sweep takes its ADDT unit from the sweep
 
 
 def unit_name(sampler: str, model: str) -> str:
@@ -149,6 +150,17 @@ def paired(addt: dict, base: dict, cfg: dict) -> dict:
     return sweep.paired_results(addt, base, cfg["k"], names=("addt", "base"), outcomes=("clean", "dwbox_linf_8_255"))
 
 
+def vs_served_sampler(cfg: dict, done: dict) -> dict:
+    """Each other sampler against the served one (ddim, the sweep's served point), both on the ADDT weights: what a
+    serving profile with that sampler changes, image by image (it chose the `strong` profile, README)."""
+    served = done.get(unit_name(SERVED_SAMPLER, "addt"))
+    if served is None:
+        return {}
+    return {s: sweep.paired_results(done[unit_name(s, "addt")]["results"], served["results"], cfg["k"],
+                                    names=("sampler", "served"), outcomes=("clean", "dwbox_linf_8_255"))
+            for s in ORDER if s != SERVED_SAMPLER and unit_name(s, "addt") in done}
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -188,6 +200,20 @@ def markdown(cfg: dict, units: list[dict], done: dict, pairs: dict) -> str:
         lines += ["", f"Summed over the {len(pairs)} samplers ({', '.join(pairs)}), images right only with ADDT / only "
                   f"with the base: DW-box {tot['dwbox_linf_8_255'][0]} / {tot['dwbox_linf_8_255'][1]}, clean "
                   f"{tot['clean'][0]} / {tot['clean'][1]}. A count, not a test: the samplers share their images."]
+    vs = vs_served_sampler(cfg, done)
+    if vs:
+        def cell(q):
+            if "only_sampler_right" in q:
+                return f"{100 * q['diff']:+.1f} ({q['only_sampler_right']} / {q['only_served_right']}, p={q['p_value']:.2g})"
+            return (f"{100 * q['diff']:+.1f} [{100 * q['ci95'][0]:+.0f}, {100 * q['ci95'][1]:+.0f}] "
+                    f"(p={q['p_value']:.2g})")
+        lines += ["", f"## Each sampler against the served one ({SERVED_SAMPLER}), both ADDT", "",
+                  "Sampler - served in points on the same images and noise seeds; 0/1 outcomes: (images right only "
+                  "with the sampler / only with the served one, exact McNemar p); EoT: mean difference of expected "
+                  "accuracy [95% interval] (exact sign-flip p).", "",
+                  "| sampler | clean | DW-box 8/255 | EoT 8/255 |", "| --- " * 4 + "|"]
+        lines += [f"| {s} | {cell(q['clean'])} | {cell(q['dwbox_linf_8_255'])} | {cell(q['eot_linf_8_255'])} |"
+                  for s, q in vs.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +253,7 @@ def write_outputs(out: Path, cfg: dict, units: list[dict], copy_to: Optional[Pat
                                              ("results", "seconds", "load_average", "finished_utc", "git_commit",
                                               "taken_from")} if u["name"] in done else {"results": None})}
                                     for u in units],
-           "paired": pairs, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+           "paired": pairs, "addt_vs_served_sampler": vs_served_sampler(cfg, done), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                         "torch": torch.__version__}}
     paths = [write_json(out / "samplers.json", doc), write_text(out / "samplers.md", markdown(cfg, units, done, pairs))]
     f = figure(done, pairs, out / "samplers.png")

@@ -38,7 +38,8 @@ def test_committed_profiles_parse_to_the_pinned_settings():
                                   repository.read_parameters(MODEL_REPOSITORY / "purifier" / repository.CONFIG_FILE))
     table = {n: p.purification for n, p in s.profile_table().items()}
     assert table == {"default": {"t_star": 100, "sampler": "ddim", "num_inference_steps": 100},
-                     "fast": {"t_star": 100, "sampler": "ddim", "num_inference_steps": 40}}
+                     "fast": {"t_star": 100, "sampler": "ddim", "num_inference_steps": 40},
+                     "strong": {"t_star": 100, "sampler": "vpsde", "num_inference_steps": 100}}
     gpu = contract.parse_parameters(contract.PurifierSettings, repository.read_parameters(
         MODEL_REPOSITORY / "purifier" / "configs" / "gpu.pbtxt"))
     assert gpu.profiles == s.profiles  # the GPU config serves the same profiles (the cards bind them)
