@@ -390,9 +390,12 @@ def receipt_figure_differences(robustness: Optional[Mapping[str, Any]], card: Ma
     """How a receipt's robustness figures differ from the card's (shown_figures): [] when they are equal; None
     when the receipt shows none to compare (no summary: the gateway had no repository; or withheld: the gateway's
     copy of the card was not the one the server checked, WITHHELD_GATE)."""
-    if robustness is None or robustness.get("gate") == WITHHELD_GATE or \
-            robustness.get("card_binding") == WITHHELD_BINDING:
+    if robustness is None:
         return None
+    if robustness.get("gate") == WITHHELD_GATE or robustness.get("card_binding") == WITHHELD_BINDING:
+        # withheld means no figures at all: a withheld summary that still shows some is compared like any other
+        if robustness.get("clean_accuracy") is None and not robustness.get("settings"):
+            return None
     want = shown_figures(card)
     got_settings = [[s.get("setting"), s.get("robust_accuracy")] if isinstance(s, dict) else [None, None]
                     for s in (robustness.get("settings") if isinstance(robustness.get("settings"), list) else [])]

@@ -219,6 +219,11 @@ def test_a_receipt_of_a_passing_version_passes_and_one_with_other_figures_fails(
     assert withheld["robustness"]["gate"] == "card_mismatch"
     assert _verify_receipt(tmp_path, repo, withheld) == 0
     assert "FIGURES  none on the receipt" in capsys.readouterr().out
+    # "withheld" with figures shown anyway is no withheld receipt: its figures are compared
+    forged = json.loads(json.dumps(withheld))
+    forged["robustness"].update(clean_accuracy=0.99, settings=[{"setting": "linf-dwbox", "robust_accuracy": 0.99}])
+    assert _verify_receipt(tmp_path, repo, forged) == 1
+    assert "FIGURES  differ" in capsys.readouterr().out
 
     monkey = tmp_path / "stdin.json"
     monkey.write_text(json.dumps(receipt))
@@ -315,3 +320,24 @@ def test_the_figures_a_receipt_is_checked_against_are_the_ones_the_gateway_shows
             "clean_accuracy": shown["clean_accuracy"],
             "settings": [[s["setting"], s["robust_accuracy"]] for s in shown["settings"]]}, f
         assert repository.receipt_figure_differences(shown, card) == []
+
+
+def test_a_profile_receipt_fails_when_the_version_default_card_does_not_pass(tmp_path, capsys, tiny_diffusion_ckpt,
+                                                                             tiny_classifier_ckpt):
+    """The server loads no profile of a version whose default card it refuses, so a `fast` receipt whose own card
+    passes still fails when the default card is edited."""
+    from helpers import profile_repo
+
+    repo = profile_repo(tmp_path, tiny_diffusion_ckpt, tiny_classifier_ckpt)
+    v1 = repo / "purifier" / "1"
+    receipt = _receipt(repo, 1, "fast")
+    capsys.readouterr()
+    assert _verify_receipt(tmp_path, repo, receipt) == 0
+    default = repository.card_path(v1)
+    card = json.loads(default.read_text())
+    card["settings"][0]["worst_case"]["acc"] = 0.99  # one nicer number, written by hand: the signature fails
+    default.write_text(json.dumps(card))
+    assert _verify_receipt(tmp_path, repo, receipt) == 1
+    out = capsys.readouterr().out
+    assert f"REFUSED  {v1}: " in out and out.splitlines()[-1].endswith(
+        "the check of the version's default card above says refused, not passed")

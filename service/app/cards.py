@@ -93,8 +93,9 @@ class CardReader:
     def __init__(self, repository: Optional[Path], purifier_model: str):
         self.repository = repository
         self.model = purifier_model
-        # keyed by the card's and the legacy list's modification times: either one changes the summary
-        self._cache: dict[tuple[int, str], tuple[tuple[float, float], Optional[dict]]] = {}
+        # keyed by the card's and the legacy list's identity (mtime in ns, size, inode): either one changes the summary,
+        # and a file replaced by a copy that keeps its mtime (cp -p, rsync -a) still has another inode or size
+        self._cache: dict[tuple[int, str], tuple[tuple, Optional[dict]]] = {}
 
     def path(self, version: int, profile: str = DEFAULT_PROFILE) -> Optional[Path]:
         if self.repository is None:
@@ -107,7 +108,7 @@ class CardReader:
         if path is None:
             return None
         try:
-            mtime = (path.stat().st_mtime, self._mtime(self.repository / LEGACY_FILE))
+            mtime = (self._identity(path, strict=True), self._identity(self.repository / LEGACY_FILE))
         except OSError:
             return None
         hit = self._cache.get((version, profile))
@@ -137,11 +138,14 @@ class CardReader:
         return None
 
     @staticmethod
-    def _mtime(path: Path) -> float:
+    def _identity(path: Path, strict: bool = False) -> tuple:
         try:
-            return path.stat().st_mtime
+            st = path.stat()
         except OSError:
-            return 0.0
+            if strict:
+                raise
+            return ()
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def bind_summary(summary: Optional[dict], served: Optional[list[str]], rows: int

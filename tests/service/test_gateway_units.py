@@ -202,3 +202,43 @@ def test_the_gateway_learns_which_models_report_the_card_they_checked():
     assert both.card_reported == {"purifier", "ensemble"}
     older = pair_info(1, {}, {}, ens, meta("PURIFIED", "VERSION"), meta("PROBS", "LABEL"))
     assert older.card_reported == frozenset()
+
+
+def test_a_card_replaced_with_its_old_mtime_is_read_again(tmp_path):
+    """CardReader caches per file identity: a card replaced by a copy that keeps the old mtime (cp -p, rsync -a)
+    must not keep the old summary and sha."""
+    import hashlib
+    import json
+    import os
+
+    from service.app.cards import CardReader
+    path = tmp_path / "purifier" / "1" / "robustness_card.json"
+    path.parent.mkdir(parents=True)
+    card = {"schema": "dbp.robustness_card/2", "gate": {"passed": True}, "clean": {"purified": {"acc": 0.9}}}
+    path.write_text(json.dumps(card))
+    st = path.stat()
+    reader = CardReader(tmp_path, "purifier")
+    assert reader.summary(1)["clean_accuracy"] == 0.9
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({**card, "clean": {"purified": {"acc": 0.5}}}, indent=1))
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)  # the same mtime, another file
+    s = reader.summary(1)
+    assert s["clean_accuracy"] == 0.5 and s["card_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_card_sha_requested_but_not_answered_is_a_mismatch_not_unchecked():
+    """pool._card_rows: an output the gateway asked for (the model declares it) and did not get must not downgrade
+    the receipt to 'unchecked' with figures shown; only an output never requested is unchecked."""
+    import numpy as np
+
+    from service.app.cards import MISMATCH, UNCHECKED, bind_summary
+    from service.app.triton.pool import _card_rows
+    sha = "a" * 64
+    out = {"CARD_SHA256": np.array([[sha.encode()]], dtype=object)}
+    assert _card_rows(dict(out), "CARD_SHA256", True) == [sha]
+    assert _card_rows({}, "CARD_SHA256", True) == []
+    assert _card_rows(dict(out), "CARD_SHA256", False) is None
+    summary = {"gate": "passed", "card_sha256": sha, "clean_accuracy": 0.9, "settings": []}
+    assert bind_summary(summary, _card_rows({}, "CARD_SHA256", True), 1)[2] == MISMATCH
+    assert bind_summary(summary, _card_rows({}, "CARD_SHA256", False), 1)[2] == UNCHECKED

@@ -87,9 +87,15 @@ def _status(e: InferenceServerException) -> str:
     return str(e.status() or "")
 
 
-def _card_rows(a: Optional[np.ndarray]) -> Optional[list[str]]:
-    if a is None:
+def _card_rows(out: dict, name: str, requested: bool) -> Optional[list[str]]:
+    """Per row, the card sha256 the model answered as `name`; None only when it was not requested (the model does
+    not declare it: unchecked). Requested but not answered gives [] (a mismatch, figures withheld): a model that
+    declares the output and does not answer it must not pass for one that never reported a card."""
+    a = out.pop(name, None)
+    if not requested:
         return None
+    if a is None:
+        return []
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(a).reshape(-1)]
 
 
@@ -330,12 +336,13 @@ class TritonPool:
                         if one is not None:
                             outcome = "ok"
                             return Outcome(pair, b.url, one, time.monotonic() - t0,
-                                           card_sha256=_card_rows(one.pop(PURIFIER_CARD_SHA256, None)))
+                                           card_sha256=_card_rows(one, PURIFIER_CARD_SHA256,
+                                                                  "ensemble" in pair.card_reported))
                     self.metrics.classify_fallbacks.labels(why).inc()
                 card = [CARD_SHA256] if "purifier" in pair.card_reported else []
                 out = await self._pinned(b, self.settings.PURIFIER_MODEL, pair, "purifier", inputs,
                                          [PURIFIED] + card, deadline)
-                card_rows = _card_rows(out.pop(CARD_SHA256, None))
+                card_rows = _card_rows(out, CARD_SHA256, bool(card))
                 if kind == "classify":
                     cin = [self._input(pair, IMAGES, out[PURIFIED])]
                     if votes > 1:
