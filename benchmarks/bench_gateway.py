@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from dbp import repository
+from dbp.revision import git_commit
 from dbp.serving.launcher import ServerConfig, TritonServer, free_ports
 from service.app.core.seeds import derive_seed, image_digest
 from service.process import GatewayProcess
@@ -335,7 +336,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     with served_pair(Path(args.repo), "bench-gateway-", MAX_IN_FLIGHT=64) as (triton, gw, version):
         res = asyncio.run(measure(args, triton.grpc_url, gw.url, triton.http_url, version))
-    res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "version_pair": version, "cpus": os.cpu_count(),
+    res.update({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "version_pair": version,
+                "cpus": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": repository.relative_paths(vars(args))})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
