@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from dbp import repository
+from dbp import receipts, repository
 from helpers import MODEL_REPOSITORY, export_repo
 from training import verify
 
@@ -158,6 +160,12 @@ def test_verify_refuses_a_version_whose_declared_profile_the_server_cannot_load(
 
 # ---- receipts: a saved /classify or /purify response, bound to the repository's card by its sha256 ---------------
 
+def test_receipts_module_is_torch_free():
+    """Anyone checks a receipt without torch; the receipt section left dbp/repository.py for dbp/receipts.py."""
+    code = "import sys, dbp.receipts; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def _receipt(repo, version: int, profile: str = "default", served="card") -> dict:
     """A /purify response as the gateway builds it: the summary its CardReader reads from `repo`, bound by
     bind_summary to `served`, the sha256 the purifier answered ("card": the sha of the card on disk, i.e. what
@@ -306,7 +314,7 @@ def test_a_malformed_receipt_is_a_cli_error(tmp_path, capsys):
 
 
 def test_the_figures_a_receipt_is_checked_against_are_the_ones_the_gateway_shows():
-    """dbp.repository.shown_figures reads a card as service/app/cards.py summarize does (the gateway imports no
+    """dbp.receipts.shown_figures reads a card as service/app/cards.py summarize does (the gateway imports no
     dbp): on every committed card, the same clean accuracy and (setting, robust accuracy) rows in the same order."""
     from service.app.cards import summarize
 
@@ -316,10 +324,10 @@ def test_the_figures_a_receipt_is_checked_against_are_the_ones_the_gateway_shows
     for f in cards:
         card = json.loads(f.read_text())
         shown = summarize(card)
-        assert repository.shown_figures(card) == {
+        assert receipts.shown_figures(card) == {
             "clean_accuracy": shown["clean_accuracy"],
             "settings": [[s["setting"], s["robust_accuracy"]] for s in shown["settings"]]}, f
-        assert repository.receipt_figure_differences(shown, card) == []
+        assert receipts.receipt_figure_differences(shown, card) == []
 
 
 def test_a_profile_receipt_fails_when_the_version_default_card_does_not_pass(tmp_path, capsys, tiny_diffusion_ckpt,

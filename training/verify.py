@@ -9,7 +9,7 @@ card's per-image evidence under the pinned policy (what the server does before l
 
 With --receipt (a file, or - for stdin) the version, serving profile and card_sha256 come from the receipt: the
 repository's card for that version and profile must be the very card the receipt names (sha256), it gets the same
-check as a version's profile, and the receipt's robustness figures must be the card's (dbp.repository
+check as a version's profile, and the receipt's robustness figures must be the card's (dbp.receipts:
 read_receipt, receipt_card, receipt_figure_differences). A receipt without card_sha256 (an older server) cannot
 be bound to a card and fails; so does one naming another card, or a version or profile the repository lacks.
 
@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dbp import repository
+from dbp import receipts, repository
 from dbp.card import CardError, load_card
 from dbp.gate.verdict import VerdictError, evaluate, summary_lines, verify
 
@@ -171,7 +171,7 @@ def check_receipt(repo: Path, source: str) -> int:
     """Check a saved receipt against `repo` (see the module docstring): 0 bound and passed, 1 failed (a one-line
     reason last), 2 a receipt that cannot be read."""
     try:
-        receipt = repository.read_receipt(json.loads(sys.stdin.read() if source == "-" else Path(source).read_text()))
+        receipt = receipts.read_receipt(json.loads(sys.stdin.read() if source == "-" else Path(source).read_text()))
     except (OSError, ValueError) as e:  # JSONDecodeError and ReceiptError are ValueErrors
         print(f"error: receipt {source}: {e}", file=sys.stderr)
         return 2
@@ -188,7 +188,7 @@ def check_receipt(repo: Path, source: str) -> int:
         return failed("it carries no card_sha256 (a server older than the card binding, or a model config that does "
                       "not report CARD_SHA256), so it cannot be bound to a card")
     try:
-        found = repository.receipt_card(repo, receipt)
+        found = receipts.receipt_card(repo, receipt)
     except repository.RepositoryError as e:
         return failed(str(e))
     if found["sha256"] != receipt["card_sha256"]:
@@ -205,7 +205,7 @@ def check_receipt(repo: Path, source: str) -> int:
     checked = rows[0].get("card_sha256")
     if checked is not None and checked != found["sha256"]:  # the file changed between the two reads
         return failed(f"the card changed while it was checked (sha256 {found['sha256']}, then {checked})")
-    diffs = repository.receipt_figure_differences(receipt["robustness"], found["card"] or {})
+    diffs = receipts.receipt_figure_differences(receipt["robustness"], found["card"] or {})
     if diffs is None:
         print("FIGURES  none on the receipt to compare (no robustness summary, or withheld by the gateway)")
     elif diffs:
