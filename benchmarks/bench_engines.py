@@ -143,7 +143,9 @@ def main(argv=None) -> dict:
                                             and r["batch"] == min(batches)), default="torch")
     import onnxruntime
     import openvino
-    result = {"date": time.strftime("%Y-%m-%d"), "version": v, "settings": {
+    from dbp.revision import git_commit
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(), "version": v,
+              "settings": {
                   "t_star": st.t_star, "sampler": st.sampler, "num_inference_steps": st.num_inference_steps,
                   "unet_calls": calls, "threads": torch.get_num_threads()},
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
