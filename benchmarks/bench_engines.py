@@ -8,7 +8,8 @@ evaluated by that engine inside dbp's purification chain (dbp.models.Purifier, t
 model_repository/purifier/config.pbtxt, the served `threads`). Per batch size (1 and 16): p50 latency of one
 purification and images/s = batch / p50, timed interleaved over `--rounds` (each round runs every engine in turn,
 so background load hits all alike), with the same images and the same noise. Achieved FLOP/s = UNet calls x FLOPs
-per call (benchmarks.bench_flops.unet_flops) / p50, as a share of bench_flops' fp32 matmul peak (best of the rounds).
+per call (benchmarks.bench_flops.unet_flops) / p50, as a share of bench_flops' fp32 GEMM peak (gemm_peak: the better of torch.mm and ONNX Runtime's
+MatMul, best of the rounds).
 Outputs: max |purified_engine - purified_torch| and purified-classification agreement with torch on `--agree_n`
 Fashion-MNIST test images, deployed classifier, the same noise. Goals (issue 21): batch 1 >= 1.8x torch's
 images/s (>= 45% of peak), batch 16 >= 1.2x, agreement >= 99.5%.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_flops import matmul_flops, unet_flops
+from benchmarks.bench_flops import gemm_peak, unet_flops
 from dbp import repository
 from dbp.models import Purifier, load_classifier, load_unet
 from dbp.serving import engines
@@ -83,13 +84,14 @@ def main(argv=None) -> dict:
     load0 = os.getloadavg()
 
     lat = {(n, b): [] for n in purifiers for b in batches}
-    peak = 0.0
+    peaks = {"torch": 0.0, "onnxruntime": 0.0, "peak": 0.0}
     with torch.inference_mode():
         for n, pur in purifiers.items():  # warm-up: primitive creation, first-call allocations
             for b in batches:
                 pur(inputs[b], noise=noises[b])
         for r in range(a.rounds):
-            peak = max(peak, matmul_flops([1024, 2048], reps=3))
+            peaks = {k: max(v, peaks[k]) for k, v in gemm_peak([1024, 2048], reps=3).items()}
+            peak = peaks["peak"]
             for b in batches:
                 for n, pur in purifiers.items():
                     for _ in range(reps.get(b, 3)):
@@ -152,11 +154,13 @@ def main(argv=None) -> dict:
                            "openvino": openvino.__version__},
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "loadavg_before": load0, "loadavg_after": os.getloadavg(), "peak_matmul_gflops": peak / 1e9,
+              "peak_by_library_gflops": {k: v / 1e9 for k, v in peaks.items() if k != "peak"},
               "gflop_per_image_per_call": flops[batches[0]] / batches[0] / 1e9, "rows": rows,
               "outputs": {"n": a.agree_n, **agreement}, "goals": GOALS, "goals_met": goals, "chosen_default": best}
 
     print(f"\npurifier v{v}: {st.sampler} t*={st.t_star} N={st.num_inference_steps} ({calls} UNet calls), "
-          f"{torch.get_num_threads()} thread(s); fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
+          f"{torch.get_num_threads()} thread(s); fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (torch.mm "
+          f"{peaks['torch'] / 1e9:.1f}, ONNX Runtime {peaks['onnxruntime'] / 1e9:.1f}); "
           f"load avg {load0[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
     hdr = f"{'engine':>12} {'batch':>5} {'p50 ms':>8} {'img/s':>8} {'x torch':>8} {'GFLOP/s':>8} {'of peak':>8}"
     print(hdr + "\n" + "-" * len(hdr))
