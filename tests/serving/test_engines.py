@@ -253,10 +253,11 @@ def test_server_refuses_a_swapped_onnx_file(engine_repo, tmp_path):
 
 # ---- a real tritonserver --------------------------------------------------------------------------
 
-def test_triton_serves_a_version_with_the_onnxruntime_engine(export_repo_factory, triton_server_factory):
+@pytest.mark.parametrize("engine", CPU)
+def test_triton_serves_a_version_with_each_cpu_engine(export_repo_factory, triton_server_factory, engine):
     pytest.importorskip("tritonclient.http")
-    repo = export_repo_factory(**FAST_PURIFIER, engine="onnxruntime")
-    ref, _ = load_services(repo)  # in-process, onnxruntime engine too (the settings Triton passes)
+    repo = export_repo_factory(**FAST_PURIFIER, engine=engine)
+    ref, _ = load_services(repo)  # in-process, the same engine (the settings Triton passes)
     assert isinstance(ref.purifier.eps_net, engines.EngineEpsNet)
     srv = triton_server_factory(repo, ready_timeout=240)
     c = Client(srv, "http")
@@ -269,7 +270,7 @@ def test_triton_serves_a_version_with_the_onnxruntime_engine(export_repo_factory
         assert c.infer("purify_classify", IMAGES=x, SEED=seeds(1, 2, 3))["LABEL"].shape[0] == 3
     finally:
         c.close()
-    assert "onnxruntime" in srv.log_path.read_text()
+    assert f"UNet on {engine} (max |eps - torch's|" in srv.log_path.read_text()  # Triton ran the engine, not torch
 
 
 # ---- the GPU engines ------------------------------------------------------------------------------
