@@ -3,6 +3,8 @@
 # so drift in the machine's speed hits both), N runs each; keep the machine idle while it runs (about 100 s a pair).
 #   sh benchmarks/ab_gateway.sh cd90d89 7894458 5    -> runs/bench/ab/<commit>-<i>.json, then a line per commit
 # Each commit runs from its own clean worktree (runs/bench/ab/tree-<commit>, removed at the end) with this venv.
+# Each commit runs its own bench_gateway: commits before 4f2c050 measure the gateway with an httpx client (~1.3 ms
+# more client CPU per request), so compare only commits on the same side of it.
 set -e
 [ $# -ge 2 ] || { echo "usage: $0 COMMIT_A COMMIT_B [RUNS]" >&2; exit 2; }
 cd "$(dirname "$0")/.."
