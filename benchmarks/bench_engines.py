@@ -8,8 +8,8 @@ evaluated by that engine inside dbp's purification chain (dbp.models.Purifier, t
 model_repository/purifier/config.pbtxt, the served `threads`). Per batch size (1 and 16): p50 latency of one
 purification and images/s = batch / p50, timed interleaved over `--rounds` (each round runs every engine in turn,
 so background load hits all alike), with the same images and the same noise. Achieved FLOP/s = UNet calls x FLOPs
-per call (benchmarks.bench_flops.unet_flops) / p50, as a share of bench_flops' fp32 GEMM peak (gemm_peak: the better of torch.mm and ONNX Runtime's
-MatMul, best of the rounds).
+per call (benchmarks.bench_flops.unet_flops) / p50, as a share of bench_flops' fp32 GEMM peak (gemm_peak: the
+better of torch.mm and ONNX Runtime's MatMul, best of the rounds).
 Outputs: max |purified_engine - purified_torch| and purified-classification agreement with torch on `--agree_n`
 Fashion-MNIST test images, deployed classifier, the same noise. Goals (issue 21): batch 1 >= 1.8x torch's
 images/s (>= 45% of peak), batch 16 >= 1.2x, agreement >= 99.5%.

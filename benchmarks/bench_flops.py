@@ -158,7 +158,8 @@ def main(argv=None) -> dict:
                      "s_per_purify": s, "ms_per_call": 1e3 * s / calls, "achieved_gflops": achieved / 1e9,
                      "ratio_to_peak": achieved / peak, "math_overhead_ms": 1e3 * math_s})
     from dbp.revision import git_commit
-    result = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    result = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "unet": args.ckpt or args.unet,
               "channels_last": args.channels_last, "peak_matmul_gflops": peak / 1e9,
               "peak_by_library_gflops": {k: v / 1e9 for k, v in peaks.items() if k != "peak"},
