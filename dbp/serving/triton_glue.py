@@ -32,7 +32,8 @@ class Role:
 ROLES = {
     "purifier": Role(PurifierSettings, "PurifierService", PURIFIER_INPUTS, PURIFIER_OUTPUTS,
                      lambda s: f", UNet on {s.settings.engine}"
-                               + ("" if s.engine_parity is None else f" (max |eps - torch's| {s.engine_parity:.1e} at load)")
+                               + ("" if s.engine_parity is None
+                                  else f" (max |eps - torch's| {s.engine_parity:.1e} at load)")
                                + f", {s.purifier.n_unet_calls} UNet calls per purification, profiles served: "
                                + ", ".join(f"{n} ({p.n_unet_calls} calls"
                                            + ("" if s.profile_engines[n] == s.settings.engine
