@@ -7,7 +7,7 @@
 # protocol at the pinned policy's sizes (the mandatory baseline: same images and seeds); (3) the candidate's
 # gate run, compared with it and signed; (4) export, which recomputes the verdict; (5) the receipt check.
 # Cost on the 2-core CPU VM, idle: (1) ~1 h of one core, (2) and (3) ~3-4 h of one core each ((2) beside (1)).
-# Progress: tail -f runs/v3/*.log (tqdm); stop any time, rerun to continue.
+# Progress: tail -f runs/v3/*.log (tqdm), or experiments/v3/status.sh; stop any time, rerun to continue.
 # Run it from a clean checkout (the cards record the commit, and a -dirty one fails the policy).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
