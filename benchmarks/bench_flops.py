@@ -35,7 +35,9 @@ def ort_matmul_flops(sizes: list[int], reps: int, threads: int) -> float:
         import numpy as np
         import onnxruntime as ort
         from onnx import TensorProto, helper
-    except ImportError:
+    except ImportError as e:
+        print(f"warning: no ONNX Runtime peak ({e}): the peak is torch.mm's alone, which MKL can under-reach",
+              file=sys.stderr)
         return 0.0
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = max(0, threads), 1

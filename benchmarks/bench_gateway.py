@@ -13,7 +13,7 @@ the gateway derives from it with the bench's SEED_SECRET to Triton) goes
              have run the pinned pair, or the two pinned calls when it did not: service/README.md, JSON).
 Both clients are lean so that the difference is the gateway's: the direct one builds its tensors once, the gateway
 one (aiohttp) its multipart body once; each request's CPU in the bench process is reported per path (client_cpu_ms).
-Until 2026-12-07 the gateway path used httpx encoding the upload on every call, ~1.3 ms more client CPU per request
+Until 2026-12-07 the gateway path used httpx encoding the upload on every call, ~1.4 ms more client CPU per request
 than the gRPC client, counted as gateway overhead; that client is still measured (gateway_httpx,
 overhead_httpx_client_ms: what an httpx user sees), and not judged.
 Low load: --sequential requests one at a time on each path, in rotating order; overhead = gateway p50 -
@@ -172,7 +172,7 @@ class ViaGateway:
 
 class ViaGatewayHttpx:
     """The same request as a typical Python client makes it: httpx, the multipart body encoded on every call.
-    Reported beside the goal's figure (what such a client sees), not judged: httpx costs the client ~1.3 ms of
+    Reported beside the goal's figure (what such a client sees), not judged: httpx costs the client ~1.4 ms of
     CPU per request more than the gRPC client (2026-12-07, this VM)."""
 
     def __init__(self, url: str, png: bytes, seed: int, concurrency: int):
@@ -276,7 +276,8 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int)
             for _, fn in paths:
                 await fn()
         if len(labels) != 1:
-            raise SystemExit(f"error: direct, pinned and gateway disagree on the same seeded request: {labels}")
+            raise SystemExit(f"error: the four paths (direct, pinned, gateway, gateway_httpx) disagree on the same seeded "
+                             f"request: {labels}")
         seq = {name: [] for name, _ in paths}
         cpu = {name: [] for name, _ in paths}
         ens0 = ensemble_requests(http_url)

@@ -417,7 +417,7 @@ def publish(repo: str | Path, sources: Mapping[str, Path], card_path: Path,
     import time
 
     from . import checkpoint as ckpt
-    from .runtime import git_commit
+    from .revision import git_commit
 
     repo = Path(repo)
     check_layout(repo)
