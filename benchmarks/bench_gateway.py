@@ -276,8 +276,8 @@ async def measure(args, grpc_url: str, gw_url: str, http_url: str, version: int)
             for _, fn in paths:
                 await fn()
         if len(labels) != 1:
-            raise SystemExit(f"error: the four paths (direct, pinned, gateway, gateway_httpx) disagree on the same seeded "
-                             f"request: {labels}")
+            raise SystemExit(f"error: the four paths (direct, pinned, gateway, gateway_httpx) disagree on the same "
+                             f"seeded request: {labels}")
         seq = {name: [] for name, _ in paths}
         cpu = {name: [] for name, _ in paths}
         ens0 = ensemble_requests(http_url)
