@@ -6,7 +6,7 @@
 # discordant, p = 0.016; docs/results/addt13/curve.md); (2) the deployed version 2 measured with the gate's
 # protocol at the pinned policy's sizes (the mandatory baseline: same images and seeds); (3) the candidate's
 # gate run, compared with it and signed; (4) export, which recomputes the verdict; (5) the receipt check.
-# Cost on the 2-core CPU VM, idle: (1) ~1 h of one core, (2) and (3) ~4-5 h of one core each ((2) beside (1); an EoT batch 22-28 min).
+# Cost on the 2-core CPU VM, idle: (1) ~1 h of one core, (2) and (3) ~4-5 h of one core each ((2) beside (1); an EoT batch 22-29 min).
 # Progress: tail -f runs/v3/*.log (tqdm), or experiments/v3/status.sh; stop any time, rerun to continue.
 # Run it from a clean checkout (the cards record the commit, and a -dirty one fails the policy).
 set -euo pipefail
