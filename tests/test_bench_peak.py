@@ -13,6 +13,9 @@ def test_gemm_peak_is_the_better_of_torch_and_onnxruntime(monkeypatch):
     # a torch that under-reaches: the peak is MLAS's, not torch's
     monkeypatch.setattr(bench_flops, "matmul_flops", lambda sizes, reps: 1.0)
     assert bench_flops.gemm_peak([128], reps=1)["peak"] > 1.0
+    # across rounds the best of each library is kept
+    kept = bench_flops.gemm_peak([128], reps=1, best={"torch": 1e15, "onnxruntime": 0.0, "peak": 1e15})
+    assert kept["torch"] == 1e15 and kept["peak"] == 1e15 and kept["onnxruntime"] > 0
 
 
 def test_onnxruntime_peak_runs_on_the_threads_asked(monkeypatch):
